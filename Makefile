@@ -1,0 +1,39 @@
+# make train / make test create the environment when it is missing, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU wheel of torch on local disk (PIP_FIND_LINKS) is used when present; otherwise pip resolves the range.
+LOCAL_TORCH := $(firstword $(wildcard $(PIP_FIND_LINKS)/torch-*+cpu-*.whl))
+TORCH_SPEC ?= $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch>=2.5)
+PYTEST_ARGS ?=
+
+.PHONY: train test lint format clean help
+
+help:
+	@echo "make train   train the default decoder on the Python standard library (CPU, ~5 min)"
+	@echo "make test    run the test suite"
+	@echo "make lint    ruff check + format check"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+train: $(BIN)/.installed
+	$(BIN)/python scripts/train.py $(ARGS)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check llmtrain scripts tests
+	$(BIN)/ruff format --check llmtrain scripts tests
+
+format: $(BIN)/.installed
+	$(BIN)/ruff format llmtrain scripts tests
+	$(BIN)/ruff check --fix llmtrain scripts tests
+
+clean:
+	rm -rf $(VENV) .cache runs outputs wandb

@@ -1,0 +1,225 @@
+"""Typed schema of the whole config tree, registered with Hydra, and the checks run before any work.
+
+Hydra composes `configs/train.yaml` on top of `TrainConfig`, so a misspelled key or a wrong type stops the run
+at composition time with a message naming the key. `validate()` then checks what types cannot express.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from llmtrain.models.config import ModelConfig, ModelConfigError, check_model_config
+from llmtrain.objectives import OBJECTIVE_FAMILY
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "clm"
+    """clm | mlm | span_corruption; each model config picks the one its family trains with."""
+    select_rate: float = 0.15
+    """MLM: fraction of non-special tokens selected for prediction."""
+    mask_rate: float = 0.8
+    """MLM: fraction of selected tokens replaced by [MASK]."""
+    random_rate: float = 0.1
+    """MLM: fraction of selected tokens replaced by a random token (the rest stay unchanged)."""
+    noise_density: float = 0.15
+    """Span corruption: fraction of raw tokens corrupted."""
+    mean_noise_span_length: float = 3.0
+    """Span corruption: mean length of a corrupted span."""
+    targets_length: int | None = None
+    """Span corruption: decoder length; null derives it from data.seq_len (512 -> 114 at the defaults)."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None
+    """An existing tokenizer.json to use; null trains a byte-level BPE on the corpus (cached by corpus)."""
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    train_bytes: int = 8_000_000
+    """Train the BPE on at most this many bytes of training text."""
+    n_sentinels: int = 100
+    """<extra_id_0> ... for span corruption."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    """A label for the corpus (used in the run name and cache keys)."""
+    source: str = "stdlib"
+    """stdlib (the Python standard library's source, no download) | files (local paths) | hub (a dataset name)."""
+    paths: list[str] = field(default_factory=list)
+    """source=files: .txt / .jsonl / .json / .parquet files or globs."""
+    hub_name: str | None = None
+    """source=hub: a Hugging Face dataset name, streamed."""
+    hub_config: str | None = None
+    hub_split: str = "train"
+    text_field: str = "text"
+    """Column holding the text in jsonl / parquet / hub data."""
+    max_documents: int | None = None
+    max_bytes: int | None = None
+    """Stop reading the source after this many bytes of text (null: all of it)."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation (chosen by a hash of the document, so stable)."""
+    seq_len: int = 256
+    """Tokens per sequence the model sees (the encoder's length for encoder_decoder)."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache_dir: str = ".cache/llmtrain"
+    """Tokenizers and token arrays are cached here, keyed by corpus and settings."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    """Applied to matrices only (not to norms, biases or embeddings... embeddings are matrices: decayed)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    schedule: str = "cosine"
+    """cosine | linear | constant (all after linear warmup)."""
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine and linear)."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    precision: str = "auto"
+    """auto (bf16 where the device supports it, else fp32) | bf16 | fp32."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    eval_interval: int = 100
+    """Evaluate every N steps (and at the start and end); 0 = only at start and end."""
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint: bool = True
+    """Write a final checkpoint into the run directory."""
+    checkpoint_interval: int = 0
+    """Also save every N steps (0: only at the end)."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint of the run directory | never."""
+    compile: bool = False
+    num_threads: int = 0
+    """torch CPU threads; 0 leaves torch's default."""
+    progress: bool = True
+    """Show a progress bar with tokens/s."""
+    sample_tokens: int = 64
+    """Tokens to generate at the end of a decoder run (0: none)."""
+
+
+@dataclass
+class LoggerConfig:
+    wandb: str = "offline"
+    """offline (default; files in the run dir) | online | disabled."""
+    project: str = "llmtrain"
+    jsonl: bool = True
+    """Write metrics.jsonl in the run directory."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 1337
+    run_name: str = "default"
+    """The run directory is output_dir/run_name: the same for every rank and every restart."""
+    output_dir: str = "runs"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the one-line message names it, its value and what is allowed."""
+
+
+def to_dataclass(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}={value} must be > 0")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Everything that can be checked before data, model or run directory exist."""
+    try:
+        check_model_config(cfg.model)
+    except ModelConfigError as err:
+        raise ConfigError(str(err)) from None
+    _one_of("objective.name", cfg.objective.name, tuple(OBJECTIVE_FAMILY))
+    wanted = OBJECTIVE_FAMILY[cfg.objective.name]
+    if wanted != cfg.model.family:
+        raise ConfigError(
+            f"objective.name={cfg.objective.name} trains a {wanted} model but model.family={cfg.model.family}; "
+            f"allowed for {cfg.model.family}: "
+            + ", ".join(k for k, v in OBJECTIVE_FAMILY.items() if v == cfg.model.family)
+        )
+    _one_of("data.source", cfg.data.source, ("stdlib", "files", "hub"))
+    if cfg.data.source == "files" and not cfg.data.paths:
+        raise ConfigError("data.paths is empty; data.source=files needs at least one file or glob")
+    if cfg.data.source == "hub" and not cfg.data.hub_name:
+        raise ConfigError("data.hub_name is not set; data.source=hub needs a dataset name")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    _positive("data.seq_len", cfg.data.seq_len)
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the position table model.max_seq_len="
+            f"{cfg.model.max_seq_len}; allowed: data.seq_len <= {cfg.model.max_seq_len}"
+        )
+    if cfg.objective.name == "span_corruption":
+        from llmtrain.objectives import compute_input_and_target_lengths
+
+        _, targets = compute_input_and_target_lengths(
+            cfg.data.seq_len, cfg.objective.noise_density, cfg.objective.mean_noise_span_length
+        )
+        targets = cfg.objective.targets_length or targets
+        if targets > cfg.model.max_seq_len:
+            raise ConfigError(
+                f"span corruption targets of {targets} tokens exceed model.max_seq_len={cfg.model.max_seq_len}"
+            )
+    _positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
+    if cfg.model.vocab_size and cfg.data.tokenizer.path is None and cfg.model.vocab_size < cfg.data.tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than data.tokenizer.vocab_size="
+            f"{cfg.data.tokenizer.vocab_size}; allowed: 0 (take it from the tokenizer) or >= the tokenizer's"
+        )
+    for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
+        _positive(f"trainer.{name}", getattr(cfg.trainer, name))
+    _one_of("trainer.precision", cfg.trainer.precision, ("auto", "bf16", "fp32"))
+    _one_of("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
+    _one_of("trainer.resume", cfg.trainer.resume, ("auto", "never"))
+    _positive("optim.lr", cfg.optim.lr)
+    _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
+    if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+    if not math.isfinite(cfg.optim.grad_clip) or cfg.optim.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 disables clipping)")
+    _one_of("logger.wandb", cfg.logger.wandb, ("offline", "online", "disabled"))
+    if not cfg.run_name or "/" in cfg.run_name:
+        raise ConfigError(f"run_name={cfg.run_name!r} must be a non-empty name without '/'")

@@ -1,0 +1,112 @@
+"""Where documents come from: the embedded standard-library corpus, local files, or a hub dataset.
+
+Local files and hub datasets go through the same `datasets` code path (streaming), so a hub name works like a
+local path; tests use local files.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmtrain.config import DataConfig
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Missing, empty or unreadable data; the message names the file or setting."""
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's own .py files (no site-packages), in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def resolve_paths(patterns: list[str]) -> list[Path]:
+    """Expand globs; every pattern must match an existing, non-empty file with a known extension."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise DataError(f"data.paths: {pattern!r} matches no file")
+        for match in map(Path, matches):
+            if match.suffix not in BUILDERS:
+                raise DataError(f"data.paths: {match} has extension {match.suffix!r}; allowed: {', '.join(BUILDERS)}")
+            if match.stat().st_size == 0:
+                raise DataError(f"data.paths: {match} is empty")
+            files.append(match)
+    return files
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """A short hash naming this corpus and its reading settings, for cache keys (cheap: stat, not read)."""
+    h = hashlib.sha256()
+    if cfg.source == "stdlib":
+        h.update(sys.version.encode())
+        for p in stdlib_files():
+            h.update(f"{p.name}:{p.stat().st_size}".encode())
+    elif cfg.source == "files":
+        for p in resolve_paths(cfg.paths):
+            st = p.stat()
+            h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(f"{cfg.hub_name}:{cfg.hub_config}:{cfg.hub_split}".encode())
+    h.update(f"{cfg.text_field}:{cfg.max_documents}:{cfg.max_bytes}:{cfg.val_fraction}".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_stdlib() -> Iterator[str]:
+    for path in stdlib_files():
+        try:
+            yield path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # a handful of test fixtures are deliberately not UTF-8
+
+
+def _read_dataset(cfg: DataConfig) -> Iterator[str]:
+    from datasets import load_dataset
+
+    if cfg.source == "files":
+        files = resolve_paths(cfg.paths)
+        builders = {BUILDERS[p.suffix] for p in files}
+        if len(builders) > 1:
+            raise DataError(f"data.paths mixes file kinds {sorted(builders)}; use one kind per data config")
+        builder = builders.pop()
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        dataset = load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs)
+        where = f"data.paths ({', '.join(map(str, files))})"
+    else:
+        dataset = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=True)
+        where = f"data.hub_name={cfg.hub_name}"
+    for record in dataset:
+        if cfg.text_field not in record:
+            raise DataError(f"{where}: no column {cfg.text_field!r} (data.text_field); columns: {sorted(record)}")
+        yield record[cfg.text_field]
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[str]:
+    """Non-empty documents of the configured source, stopping at max_documents / max_bytes."""
+    docs = _read_stdlib() if cfg.source == "stdlib" else _read_dataset(cfg)
+    n_docs = n_bytes = 0
+    for text in docs:
+        if not text or not text.strip():
+            continue
+        yield text
+        n_docs += 1
+        n_bytes += len(text.encode("utf-8"))
+        if (cfg.max_documents and n_docs >= cfg.max_documents) or (cfg.max_bytes and n_bytes >= cfg.max_bytes):
+            return
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """Deterministic document-level split: the same document always lands in the same split."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction

@@ -1,0 +1,124 @@
+"""Byte-level BPE (GPT-2 style) with the special tokens of all three objectives, via `tokenizers`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
+BASE_SPECIALS = [PAD, BOS, EOS, UNK, MASK]
+
+
+def sentinel(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def special_tokens(n_sentinels: int) -> list[str]:
+    """pad=0, bos=1, eos=2, unk=3, mask=4, then <extra_id_0>, <extra_id_1>, ... in order."""
+    return BASE_SPECIALS + [sentinel(i) for i in range(n_sentinels)]
+
+
+@dataclass
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids the objectives need."""
+
+    hf: HFTokenizer
+
+    def __post_init__(self) -> None:
+        missing = [t for t in BASE_SPECIALS if self.hf.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}; llmtrain needs {BASE_SPECIALS}")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id = (
+            self.hf.token_to_id(t) for t in BASE_SPECIALS
+        )
+        self.sentinel_ids: list[int] = []
+        while (i := self.hf.token_to_id(sentinel(len(self.sentinel_ids)))) is not None:
+            self.sentinel_ids.append(i)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    @property
+    def special_ids(self) -> list[int]:
+        return [self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id, *self.sentinel_ids]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self) -> torch.Tensor:
+        """UTF-8 bytes each id stands for (0 for special tokens), for bits per byte.
+
+        A byte-level BPE token is a string of byte-alphabet characters, one character per byte.
+        """
+        lengths = torch.zeros(self.vocab_size, dtype=torch.long)
+        specials = set(self.special_ids)
+        for token, i in self.hf.get_vocab().items():
+            if i not in specials:
+                lengths[i] = len(token)
+        return lengths
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.hf.to_str())
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, n_sentinels: int = 100) -> Tokenizer:
+    specials = special_tokens(n_sentinels)
+    floor = 256 + len(specials)
+    if vocab_size <= floor:
+        raise ValueError(
+            f"data.tokenizer.vocab_size={vocab_size} is too small: 256 bytes + {len(specials)} special tokens "
+            f"need more than {floor}"
+        )
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json (plain JSON; no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.tokenizer.path: {path} does not exist")
+    try:
+        return Tokenizer(HFTokenizer.from_file(str(path)))
+    except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"data.tokenizer.path: {path} is not a valid tokenizer.json ({err})") from None
+
+
+def tokenizer_settings_key(**settings) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,34 @@
+"""Decoder-only language model (GPT style): causal stack + LM head, trained by next-token prediction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmtrain.models.blocks import Stack
+from llmtrain.models.config import ModelConfig
+from llmtrain.models.heads import LanguageModel, ModelOutput, lm_loss
+
+
+class DecoderLM(LanguageModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.decoder = Stack(cfg, cfg.n_layers, causal=True)
+        self.tie_weights()
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.decoder.embed
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids (B, T); labels (B, T) already shifted (labels[t] is the token after input_ids[t])."""
+        logits = self.lm_head(self.decoder(input_ids, attention_mask=attention_mask))  # (B, T, V)
+        if labels is None:
+            return ModelOutput(logits)
+        loss, n = lm_loss(logits, labels)
+        return ModelOutput(logits, loss, n)

@@ -1,0 +1,37 @@
+"""Encoder-only model (BERT style): bidirectional stack + MLM head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmtrain.models.blocks import Stack
+from llmtrain.models.config import ModelConfig
+from llmtrain.models.heads import IGNORE_INDEX, LanguageModel, ModelOutput, lm_loss
+
+
+class EncoderMLM(LanguageModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.encoder = Stack(cfg, cfg.n_layers, causal=False)
+        self.tie_weights()
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.encoder.embed
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Without labels, logits for every position; with labels, the head runs only where a label is set
+        (about 15% of positions), as ModernBERT does, and logits are (N, V) for those N positions."""
+        h = self.encoder(input_ids, attention_mask=attention_mask)  # (B, T, d)
+        if labels is None:
+            return ModelOutput(self.lm_head(h))
+        selected = labels != IGNORE_INDEX
+        logits = self.lm_head(h[selected])  # (N, V)
+        loss, n = lm_loss(logits, labels[selected])
+        return ModelOutput(logits, loss, n)

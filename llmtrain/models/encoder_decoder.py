@@ -1,0 +1,56 @@
+"""Encoder-decoder model (T5 style): bidirectional encoder, causal decoder whose blocks cross-attend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmtrain.models.blocks import Stack
+from llmtrain.models.config import ModelConfig
+from llmtrain.models.heads import LanguageModel, ModelOutput, lm_loss
+
+
+class EncoderDecoderLM(LanguageModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.encoder = Stack(cfg, cfg.n_layers, causal=False)
+        self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross_attention=True, embedding=self.encoder.embed)
+        self.tie_weights()
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.encoder.embed
+
+    @property
+    def n_residual_layers(self) -> int:
+        return self.cfg.n_layers + self.cfg.decoder_layers
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask=attention_mask)  # (B, S, d)
+
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoded: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.decoder(
+            decoder_input_ids, attention_mask=decoder_attention_mask, context=encoded, context_mask=attention_mask
+        )
+        return self.lm_head(h)  # (B, T, V)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids (B, S) to the encoder; decoder_input_ids (B, T) are labels shifted right by one."""
+        logits = self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, decoder_attention_mask)
+        if labels is None:
+            return ModelOutput(logits)
+        loss, n = lm_loss(logits, labels)
+        return ModelOutput(logits, loss, n)

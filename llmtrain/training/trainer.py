@@ -1,0 +1,362 @@
+"""The training loop. It never knows the family: an objective turns windows into a batch, the model a loss."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmtrain.config import ConfigError, TrainConfig
+from llmtrain.data import Corpus, Tokenizer, WindowLoader, prepare_corpus
+from llmtrain.inference.generate import greedy_seq2seq, sample
+from llmtrain.models import build_model, count_parameters
+from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
+from llmtrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmtrain.training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("llmtrain")
+LN2 = math.log(2)
+
+
+def build_objective(cfg: TrainConfig, tokenizer: Tokenizer):
+    o, seq_len = cfg.objective, cfg.data.seq_len
+    if o.name == "clm":
+        return CausalLM(seq_len)
+    if o.name == "mlm":
+        return MaskedLM(
+            seq_len, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.special_ids, o.select_rate, o.mask_rate, o.random_rate
+        )
+    return SpanCorruption(
+        seq_len,
+        tokenizer.sentinel_ids,
+        tokenizer.eos_id,
+        cfg.model.decoder_start_token_id,
+        tokenizer.pad_id,
+        o.noise_density,
+        o.mean_noise_span_length,
+        o.targets_length,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; allowed here: auto, cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AMX or AVX512-BF16), where autocast pays off."""
+    with contextlib.suppress(Exception):
+        if torch._C._cpu._init_amx():
+            return True
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+    if name == "auto":
+        return "bf16" if supported else "fp32"
+    if name == "bf16" and device.type == "cuda" and not supported:
+        raise ConfigError(f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use fp32")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class MetricsLog:
+    """Console + metrics.jsonl + wandb (offline by default). Nothing secret is logged: only metrics."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resolved_config: dict[str, Any], append: bool):
+        self.jsonl = (run_dir / "metrics.jsonl").open("a" if append else "w") if cfg.logger.jsonl else None
+        self.wandb = None
+        if cfg.logger.wandb != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logger.project,
+                name=cfg.run_name,
+                id=cfg.run_name,
+                resume="allow",
+                dir=str(run_dir),
+                mode=cfg.logger.wandb,
+                config=resolved_config,
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resolved_config: dict[str, Any] | None = None, corpus: Corpus | None = None):
+        self.cfg = cfg
+        t = cfg.trainer
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self.device = resolve_device(t.device)
+        self.precision = resolve_precision(t.precision, self.device)
+        seed_everything(cfg.seed)
+
+        self.corpus = corpus or prepare_corpus(cfg.data)
+        tok = self.corpus.tokenizer
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = tok.vocab_size
+        elif cfg.model.vocab_size < tok.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
+                f"({self.corpus.tokenizer_path}); allowed: 0 (from the tokenizer) or >= {tok.vocab_size}"
+            )
+        cfg.model.pad_token_id = tok.pad_id
+        cfg.model.decoder_start_token_id = tok.pad_id
+        self.objective = build_objective(cfg, tok)
+        self.token_bytes = tok.token_bytes().to(self.device)
+
+        self.train_loader = WindowLoader(
+            self.corpus.train, self.objective.raw_length, t.micro_batch_size, cfg.seed, name="train"
+        )
+        self.val_loader = WindowLoader(
+            self.corpus.val, self.objective.raw_length, t.micro_batch_size, cfg.seed, shuffle=False, name="validation"
+        )
+        self.eval_batches = min(t.eval_batches, self.val_loader.batches_per_epoch)
+        self.objective_rng = torch.Generator().manual_seed(cfg.seed)
+
+        self.model = build_model(cfg.model, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
+        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        self.step, self.tokens_seen = 0, 0
+
+        self.run_dir = Path(cfg.output_dir) / cfg.run_name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved_config = resolved_config or dataclasses.asdict(cfg)
+        (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
+        resumed = self._resume()
+        self.metrics = MetricsLog(cfg, self.run_dir, resolved_config, append=resumed)
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pin = self.device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.trainer
+        return t.micro_batch_size * t.grad_accum_steps * self.objective.seq_len
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity and bits per byte over the first eval_batches of the validation split.
+
+        bits per byte = summed nats / ln 2 / UTF-8 bytes of the predicted tokens, so runs with different
+        tokenizers compare. The objective's randomness (MLM masks, spans) is fixed for every evaluation.
+        """
+        self.model.eval()
+        rng = torch.Generator().manual_seed(self.cfg.seed + 1)
+        self.val_loader.load_state_dict({"epoch": 0, "index": 0})
+        nats = torch.zeros((), device=self.device, dtype=torch.float64)
+        targets = torch.zeros((), device=self.device, dtype=torch.long)
+        n_bytes = torch.zeros((), device=self.device, dtype=torch.long)
+        for _ in range(self.eval_batches):
+            batch = self.to_device(self.objective(self.val_loader.next_batch(), rng))
+            with self.autocast():
+                out = self.forward_model(**batch)
+            nats += out.loss.double() * out.n_targets
+            targets += out.n_targets
+            labels = batch["labels"]
+            n_bytes += self.token_bytes[labels[labels >= 0]].sum()
+        self.model.train()
+        loss = (nats / targets.clamp(min=1)).item()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": (nats / LN2 / n_bytes.clamp(min=1)).item()}
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device)."""
+        accum = self.cfg.trainer.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            batch = self.to_device(self.objective(self.train_loader.next_batch(), self.objective_rng))
+            with self.autocast():
+                loss = self.forward_model(**batch).loss / accum
+            loss.backward()
+            total += loss.detach()
+        if self.cfg.optim.grad_clip > 0:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return total
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "loader": self.train_loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "objective": self.objective_rng.get_state()},
+            "model_config": dataclasses.asdict(self.cfg.model),
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.run_dir, self.step, self.state_dict())
+        log.info("checkpoint: %s", path)
+        return path
+
+    def _resume(self) -> bool:
+        path = latest_checkpoint(self.run_dir) if self.cfg.trainer.resume == "auto" else None
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.device)
+        saved, current = state["model_config"], dataclasses.asdict(self.cfg.model)
+        changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if changed:
+            raise ConfigError(
+                f"run directory {self.run_dir} holds a checkpoint of another model ("
+                + ", ".join(f"model.{k}: {a} there, {b} now" for k, (a, b) in changed.items())
+                + "); choose another run_name or set trainer.resume=never"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.train_loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        self.objective_rng.set_state(state["rng"]["objective"].cpu())
+        log.info("resumed from %s (step %d)", path, self.step)
+        if self.step >= self.cfg.trainer.max_steps:
+            log.warning(
+                "run directory %s already holds a finished run (step %d); choose another run_name, raise "
+                "trainer.max_steps, or set trainer.resume=never to start again", self.run_dir, self.step
+            )
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.trainer
+        n_params = count_parameters(self.model)
+        log.info(
+            "model: %s, %.2fM parameters (%.2fM without embeddings); %s on %s; %d tokens per step",
+            cfg.model.family, n_params / 1e6, count_parameters(self.model, exclude_embeddings=True) / 1e6,
+            self.precision, self.device, self.tokens_per_step,
+        )  # fmt: skip
+        first = self.evaluate()
+        log.info("step %d: val loss %.4f, bits per byte %.4f", self.step, first["val_loss"], first["val_bpb"])
+        self.metrics.write({"step": self.step, **first})
+        result = {"initial_" + k: v for k, v in first.items()}
+
+        progress = None
+        if t.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=t.max_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True)
+        window_loss = torch.zeros((), device=self.device)
+        window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
+        while self.step < t.max_steps:
+            window_loss += self.train_step()
+            window_steps += 1
+            if progress:
+                progress.update(1)
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": self.step,
+                    "loss": (window_loss / window_steps).item(),  # the one host sync, at log intervals only
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens": self.tokens_seen,
+                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                }
+                self.metrics.write(record)
+                if progress:
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                else:
+                    log.info("step %d: loss %.4f, %.0f tokens/s", self.step, record["loss"], record["tokens_per_s"])
+                window_loss.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
+                self.metrics.write({"step": self.step, **self.evaluate()})
+            if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps:
+                self.save()
+        if progress:
+            progress.close()
+
+        final = self.evaluate()
+        self.metrics.write({"step": self.step, **final})
+        log.info("step %d: val loss %.4f, bits per byte %.4f", self.step, final["val_loss"], final["val_bpb"])
+        result.update(final, train_seconds=time.perf_counter() - start, steps=self.step)
+        if t.checkpoint:
+            self.save()
+        if t.sample_tokens:
+            log.info("sample:\n%s", self.sample_text(t.sample_tokens))
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        self.metrics.close()
+        return result
+
+    def sample_text(self, n_tokens: int) -> str:
+        """A short demonstration of what the model learnt, in its family's own way."""
+        tok, family = self.corpus.tokenizer, self.cfg.model.family
+        self.model.eval()
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        window = torch.as_tensor(self.corpus.val[: self.objective.raw_length].astype(np.int64))[None]
+        with self.autocast():
+            if family == "decoder":
+                prompt = window[:, :16].to(self.device)
+                out = sample(self.model, prompt, n_tokens, eos_token_id=None, generator=gen)
+                text = tok.decode(prompt[0].tolist()) + " ⟶ " + tok.decode(out[0, prompt.shape[1] :].tolist())
+            elif family == "encoder":
+                batch = self.to_device(self.objective(window[:, : self.objective.raw_length], torch.Generator().manual_seed(0)))
+                logits = self.model(batch["input_ids"]).logits[0]
+                selected = batch["labels"][0] >= 0
+                guesses, truth = logits[selected].argmax(-1).tolist(), batch["labels"][0][selected].tolist()
+                hits = sum(g == r for g, r in zip(guesses, truth))
+                text = f"masked tokens predicted: {hits}/{len(truth)}; e.g. " + ", ".join(
+                    f"{tok.decode([r])!r}->{tok.decode([g])!r}" for g, r in list(zip(guesses, truth))[:8]
+                )
+            else:
+                batch = self.to_device(self.objective(window, torch.Generator().manual_seed(0)))
+                out = greedy_seq2seq(self.model, batch["input_ids"][:1], min(n_tokens, 64), tok.eos_id)
+                text = (
+                    "target: " + tok.decode(batch["labels"][0][batch["labels"][0] >= 0].tolist(), False)[:300]
+                    + "\nmodel:  " + tok.decode(out[0].tolist(), False)[:300]
+                )  # fmt: skip
+        self.model.train()
+        return text

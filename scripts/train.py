@@ -1,0 +1,44 @@
+"""Train any llmtrain family: `python scripts/train.py model=encoder trainer.max_steps=200`.
+
+Under torchrun the same command runs on every rank (the distributed layer slots in beside the trainer).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from llmtrain.config import ConfigError, register_configs, to_dataclass, validate
+from llmtrain.data import DataError
+
+register_configs()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@record
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    setup_logging()
+    try:
+        resolved = OmegaConf.to_container(dict_cfg, resolve=True)
+        cfg = to_dataclass(dict_cfg)
+        validate(cfg)
+        from llmtrain.training.trainer import Trainer  # heavy imports after the config is known to be sound
+
+        Trainer(cfg, resolved_config=resolved).fit()
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
