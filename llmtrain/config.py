@@ -175,7 +175,7 @@ def validate(cfg: TrainConfig) -> None:
     wanted = OBJECTIVE_FAMILY[cfg.objective.name]
     if wanted != cfg.model.family:
         raise ConfigError(
-            f"objective.name={cfg.objective.name} trains a {wanted} model but model.family={cfg.model.family}; "
+            f"objective.name={cfg.objective.name} trains the {wanted} family but model.family={cfg.model.family}; "
             f"allowed for {cfg.model.family}: "
             + ", ".join(k for k, v in OBJECTIVE_FAMILY.items() if v == cfg.model.family)
         )
@@ -204,7 +204,11 @@ def validate(cfg: TrainConfig) -> None:
                 f"span corruption targets of {targets} tokens exceed model.max_seq_len={cfg.model.max_seq_len}"
             )
     _positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
-    if cfg.model.vocab_size and cfg.data.tokenizer.path is None and cfg.model.vocab_size < cfg.data.tokenizer.vocab_size:
+    if (
+        cfg.model.vocab_size
+        and cfg.data.tokenizer.path is None
+        and cfg.model.vocab_size < cfg.data.tokenizer.vocab_size
+    ):
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than data.tokenizer.vocab_size="
             f"{cfg.data.tokenizer.vocab_size}; allowed: 0 (take it from the tokenizer) or >= the tokenizer's"

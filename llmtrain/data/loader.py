@@ -13,7 +13,13 @@ import torch
 
 from llmtrain.config import DataConfig
 from llmtrain.data.sources import DataError, fingerprint, is_validation, iter_documents
-from llmtrain.data.tokenizer import Tokenizer, atomic_write_text, load_tokenizer, tokenizer_settings_key, train_bpe
+from llmtrain.data.tokenizer import (
+    Tokenizer,
+    atomic_write_text,
+    load_tokenizer,
+    tokenizer_settings_key,
+    train_bpe,
+)
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 512
@@ -45,7 +51,11 @@ def get_tokenizer(cfg: DataConfig, corpus_key: str) -> tuple[Tokenizer, Path]:
         return load_tokenizer(cfg.tokenizer.path), Path(cfg.tokenizer.path)
     t = cfg.tokenizer
     key = tokenizer_settings_key(
-        corpus=corpus_key, vocab=t.vocab_size, min_freq=t.min_frequency, sentinels=t.n_sentinels, bytes=t.train_bytes
+        corpus=corpus_key,
+        vocab=t.vocab_size,
+        min_freq=t.min_frequency,
+        sentinels=t.n_sentinels,
+        bytes=t.train_bytes,
     )
     path = Path(cfg.cache_dir) / "tokenizers" / key / "tokenizer.json"
     if path.is_file():

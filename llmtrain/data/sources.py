@@ -39,7 +39,9 @@ def resolve_paths(patterns: list[str]) -> list[Path]:
             raise DataError(f"data.paths: {pattern!r} matches no file")
         for match in map(Path, matches):
             if match.suffix not in BUILDERS:
-                raise DataError(f"data.paths: {match} has extension {match.suffix!r}; allowed: {', '.join(BUILDERS)}")
+                raise DataError(
+                    f"data.paths: {match} has extension {match.suffix!r}; allowed: {', '.join(BUILDERS)}"
+                )
             if match.stat().st_size == 0:
                 raise DataError(f"data.paths: {match} is empty")
             files.append(match)
@@ -81,14 +83,18 @@ def _read_dataset(cfg: DataConfig) -> Iterator[str]:
             raise DataError(f"data.paths mixes file kinds {sorted(builders)}; use one kind per data config")
         builder = builders.pop()
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        dataset = load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs)
+        dataset = load_dataset(
+            builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
+        )
         where = f"data.paths ({', '.join(map(str, files))})"
     else:
         dataset = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=True)
         where = f"data.hub_name={cfg.hub_name}"
     for record in dataset:
         if cfg.text_field not in record:
-            raise DataError(f"{where}: no column {cfg.text_field!r} (data.text_field); columns: {sorted(record)}")
+            raise DataError(
+                f"{where}: no column {cfg.text_field!r} (data.text_field); columns: {sorted(record)}"
+            )
         yield record[cfg.text_field]
 
 
@@ -102,7 +108,9 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
         yield text
         n_docs += 1
         n_bytes += len(text.encode("utf-8"))
-        if (cfg.max_documents and n_docs >= cfg.max_documents) or (cfg.max_bytes and n_bytes >= cfg.max_bytes):
+        if (cfg.max_documents and n_docs >= cfg.max_documents) or (
+            cfg.max_bytes and n_bytes >= cfg.max_bytes
+        ):
             return
 
 

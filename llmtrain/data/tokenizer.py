@@ -87,7 +87,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, n_sentinels: int = 100) -> Tokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, n_sentinels: int = 100
+) -> Tokenizer:
     specials = special_tokens(n_sentinels)
     floor = 256 + len(specials)
     if vocab_size <= floor:

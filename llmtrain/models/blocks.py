@@ -114,7 +114,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block; a decoder block of an encoder-decoder adds a cross-attention sublayer."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool, cross_attention: bool = False, rotary: Rotary | None = None):
+    def __init__(
+        self, cfg: ModelConfig, causal: bool, cross_attention: bool = False, rotary: Rotary | None = None
+    ):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, causal=causal, rotary=rotary)
@@ -153,10 +155,13 @@ class Stack(nn.Module):
         self.causal = causal
         self.embed = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
-        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
+        self.rotary = (
+            Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
-            Block(cfg, causal=causal, cross_attention=cross_attention, rotary=self.rotary) for _ in range(n_layers)
+            Block(cfg, causal=causal, cross_attention=cross_attention, rotary=self.rotary)
+            for _ in range(n_layers)
         )
         self.norm = make_norm(cfg)
 

@@ -85,7 +85,10 @@ def check_model_config(cfg: ModelConfig) -> None:
     need(cfg.family in FAMILIES, f"model.family={cfg.family!r} is unknown; allowed: {', '.join(FAMILIES)}")
     need(cfg.norm in NORMS, f"model.norm={cfg.norm!r} is unknown; allowed: {', '.join(NORMS)}")
     need(cfg.mlp in MLPS, f"model.mlp={cfg.mlp!r} is unknown; allowed: {', '.join(MLPS)}")
-    need(cfg.position in POSITIONS, f"model.position={cfg.position!r} is unknown; allowed: {', '.join(POSITIONS)}")
+    need(
+        cfg.position in POSITIONS,
+        f"model.position={cfg.position!r} is unknown; allowed: {', '.join(POSITIONS)}",
+    )
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
         need(getattr(cfg, name) > 0, f"model.{name}={getattr(cfg, name)} must be a positive integer")
     need(
@@ -94,7 +97,11 @@ def check_model_config(cfg: ModelConfig) -> None:
         f"allowed: n_heads that divide d_model",
     )
     need(
-        cfg.kv_heads > 0 and cfg.n_heads % cfg.kv_heads == 0,
+        cfg.n_kv_heads is None or cfg.n_kv_heads > 0,
+        f"model.n_kv_heads={cfg.n_kv_heads} must be a positive divisor of model.n_heads or null",
+    )
+    need(
+        cfg.n_heads % cfg.kv_heads == 0,
         f"model.n_kv_heads={cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}",
     )
     need(

@@ -14,7 +14,9 @@ class EncoderDecoderLM(LanguageModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.encoder = Stack(cfg, cfg.n_layers, causal=False)
-        self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross_attention=True, embedding=self.encoder.embed)
+        self.decoder = Stack(
+            cfg, cfg.decoder_layers, causal=True, cross_attention=True, embedding=self.encoder.embed
+        )
         self.tie_weights()
 
     @property
@@ -36,7 +38,10 @@ class EncoderDecoderLM(LanguageModel):
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.decoder(
-            decoder_input_ids, attention_mask=decoder_attention_mask, context=encoded, context_mask=attention_mask
+            decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            context=encoded,
+            context_mask=attention_mask,
         )
         return self.lm_head(h)  # (B, T, V)
 
@@ -49,7 +54,9 @@ class EncoderDecoderLM(LanguageModel):
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, S) to the encoder; decoder_input_ids (B, T) are labels shifted right by one."""
-        logits = self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, decoder_attention_mask)
+        logits = self.decode(
+            decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, decoder_attention_mask
+        )
         if labels is None:
             return ModelOutput(logits)
         loss, n = lm_loss(logits, labels)

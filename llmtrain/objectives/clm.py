@@ -13,6 +13,8 @@ class CausalLM:
         self.raw_length = seq_len + 1  # one extra token so every input position has a next token
         self.target_length = seq_len
 
-    def __call__(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, windows: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """windows (B, seq_len + 1) -> input_ids (B, seq_len), labels (B, seq_len)."""
         return {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}

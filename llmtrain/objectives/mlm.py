@@ -37,7 +37,9 @@ class MaskedLM:
         ordinary[self.special[self.special < vocab_size]] = False
         self.ordinary_ids = ordinary.nonzero().squeeze(1)
 
-    def __call__(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, windows: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """windows (B, T) -> input_ids with corruptions, labels = original token at selected positions else -100."""
         tokens = windows
         u = torch.rand(tokens.shape, generator=generator)
@@ -47,7 +49,9 @@ class MaskedLM:
         v = torch.rand(tokens.shape, generator=generator)
         to_mask = selected & (v < self.mask_rate)
         to_random = selected & (v >= self.mask_rate) & (v < self.mask_rate + self.random_rate)
-        random_ids = self.ordinary_ids[torch.randint(len(self.ordinary_ids), tokens.shape, generator=generator)]
+        random_ids = self.ordinary_ids[
+            torch.randint(len(self.ordinary_ids), tokens.shape, generator=generator)
+        ]
         input_ids = torch.where(to_mask, torch.full_like(tokens, self.mask_token_id), tokens)
         input_ids = torch.where(to_random, random_ids, input_ids)
         labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from llmtrain.models.heads import IGNORE_INDEX
 
 
-def span_lengths(raw_length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int, int, int]:
+def span_lengths(
+    raw_length: int, noise_density: float, mean_noise_span_length: float
+) -> tuple[int, int, int, int]:
     """(num_noise_tokens, num_noise_spans, inputs_length, targets_length) for a raw window; each +1 is EOS."""
     num_noise_tokens = int(round(raw_length * noise_density))
     num_noise_tokens = min(max(num_noise_tokens, 1), raw_length - 1)
@@ -113,17 +115,23 @@ class SpanCorruption:
         targets = interleave(span_start, noise)
         return torch.cat([inputs, eos]), torch.cat([targets, eos])
 
-    def __call__(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, windows: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """windows (B, raw_length) -> input_ids (B, seq_len), decoder_input_ids and labels (B, target_length)."""
         inputs, targets = zip(*(self.corrupt(w, self.noise_mask(generator)) for w in windows))
         input_ids, labels = torch.stack(inputs), torch.stack(targets)
         batch = {}
         if self.inputs_pad:  # only when no raw length maps exactly onto seq_len
-            batch["attention_mask"] = F.pad(torch.ones_like(input_ids, dtype=torch.bool), (0, self.inputs_pad))
+            batch["attention_mask"] = F.pad(
+                torch.ones_like(input_ids, dtype=torch.bool), (0, self.inputs_pad)
+            )
             input_ids = F.pad(input_ids, (0, self.inputs_pad), value=self.pad)
         if self.targets_pad:
             labels = F.pad(labels, (0, self.targets_pad), value=IGNORE_INDEX)
         previous = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad)
         start = torch.full((len(labels), 1), self.start, dtype=torch.long)
-        batch.update(input_ids=input_ids, decoder_input_ids=torch.cat([start, previous], dim=1), labels=labels)
+        batch.update(
+            input_ids=input_ids, decoder_input_ids=torch.cat([start, previous], dim=1), labels=labels
+        )
         return batch

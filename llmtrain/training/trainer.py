@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from llmtrain.config import ConfigError, TrainConfig
 from llmtrain.data import Corpus, Tokenizer, WindowLoader, prepare_corpus
@@ -35,7 +34,13 @@ def build_objective(cfg: TrainConfig, tokenizer: Tokenizer):
         return CausalLM(seq_len)
     if o.name == "mlm":
         return MaskedLM(
-            seq_len, tokenizer.vocab_size, tokenizer.mask_id, tokenizer.special_ids, o.select_rate, o.mask_rate, o.random_rate
+            seq_len,
+            tokenizer.vocab_size,
+            tokenizer.mask_id,
+            tokenizer.special_ids,
+            o.select_rate,
+            o.mask_rate,
+            o.random_rate,
         )
     return SpanCorruption(
         seq_len,
@@ -73,7 +78,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if supported else "fp32"
     if name == "bf16" and device.type == "cuda" and not supported:
-        raise ConfigError(f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use fp32")
+        raise ConfigError(
+            f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use fp32"
+        )
     return name
 
 
@@ -117,7 +124,9 @@ class MetricsLog:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resolved_config: dict[str, Any] | None = None, corpus: Corpus | None = None):
+    def __init__(
+        self, cfg: TrainConfig, resolved_config: dict[str, Any] | None = None, corpus: Corpus | None = None
+    ):
         self.cfg = cfg
         t = cfg.trainer
         if t.num_threads:
@@ -144,7 +153,12 @@ class Trainer:
             self.corpus.train, self.objective.raw_length, t.micro_batch_size, cfg.seed, name="train"
         )
         self.val_loader = WindowLoader(
-            self.corpus.val, self.objective.raw_length, t.micro_batch_size, cfg.seed, shuffle=False, name="validation"
+            self.corpus.val,
+            self.objective.raw_length,
+            t.micro_batch_size,
+            cfg.seed,
+            shuffle=False,
+            name="validation",
         )
         self.eval_batches = min(t.eval_batches, self.val_loader.batches_per_epoch)
         self.objective_rng = torch.Generator().manual_seed(cfg.seed)
@@ -171,7 +185,9 @@ class Trainer:
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pin = self.device.type == "cuda"
-        return {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {
+            k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()
+        }
 
     @property
     def tokens_per_step(self) -> int:
@@ -201,7 +217,11 @@ class Trainer:
             n_bytes += self.token_bytes[labels[labels >= 0]].sum()
         self.model.train()
         loss = (nats / targets.clamp(min=1)).item()
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": (nats / LN2 / n_bytes.clamp(min=1)).item()}
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": (nats / LN2 / n_bytes.clamp(min=1)).item(),
+        }
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device)."""
@@ -214,7 +234,9 @@ class Trainer:
             loss.backward()
             total += loss.detach()
         if self.cfg.optim.grad_clip > 0:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.cfg.optim.grad_clip
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -265,7 +287,9 @@ class Trainer:
         if self.step >= self.cfg.trainer.max_steps:
             log.warning(
                 "run directory %s already holds a finished run (step %d); choose another run_name, raise "
-                "trainer.max_steps, or set trainer.resume=never to start again", self.run_dir, self.step
+                "trainer.max_steps, or set trainer.resume=never to start again",
+                self.run_dir,
+                self.step,
             )
         return True
 
@@ -288,7 +312,9 @@ class Trainer:
         if t.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=t.max_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True)
+            progress = tqdm(
+                total=t.max_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
         window_loss = torch.zeros((), device=self.device)
         window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
         while self.step < t.max_steps:
@@ -309,7 +335,9 @@ class Trainer:
                 if progress:
                     progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 else:
-                    log.info("step %d: loss %.4f, %.0f tokens/s", self.step, record["loss"], record["tokens_per_s"])
+                    log.info(
+                        "step %d: loss %.4f, %.0f tokens/s", self.step, record["loss"], record["tokens_per_s"]
+                    )
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
@@ -343,7 +371,9 @@ class Trainer:
                 out = sample(self.model, prompt, n_tokens, eos_token_id=None, generator=gen)
                 text = tok.decode(prompt[0].tolist()) + " ⟶ " + tok.decode(out[0, prompt.shape[1] :].tolist())
             elif family == "encoder":
-                batch = self.to_device(self.objective(window[:, : self.objective.raw_length], torch.Generator().manual_seed(0)))
+                batch = self.to_device(
+                    self.objective(window[:, : self.objective.raw_length], torch.Generator().manual_seed(0))
+                )
                 logits = self.model(batch["input_ids"]).logits[0]
                 selected = batch["labels"][0] >= 0
                 guesses, truth = logits[selected].argmax(-1).tolist(), batch["labels"][0][selected].tolist()

@@ -263,7 +263,9 @@ def test_tied_embeddings_share_storage(family):
     assert tied.lm_head.weight[3, 0] == tied.token_embedding.weight[3, 0]
 
 
-@pytest.mark.parametrize("family,n_layers,n_decoder_layers", [("decoder", 8, None), ("encoder_decoder", 3, 5)])
+@pytest.mark.parametrize(
+    "family,n_layers,n_decoder_layers", [("decoder", 8, None), ("encoder_decoder", 3, 5)]
+)
 def test_residual_projection_init_std(family, n_layers, n_decoder_layers):
     init_std = 0.02
     model = tiny_model(

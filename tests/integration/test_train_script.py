@@ -1,0 +1,102 @@
+"""scripts/train.py as a user runs it: a subprocess with Hydra overrides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, tiny_overrides
+
+
+def run_train(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize("model", ["decoder", "encoder", "encoder_decoder"])
+def test_script_trains_each_family(corpus_file, cache_dir, tmp_path, model):
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path, model) + ["trainer.max_steps=12"]
+    proc = run_train(*overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / f"{model}-test"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 12 and result["val_loss"] < result["initial_val_loss"]
+    assert "bits per byte" in proc.stderr and "sample:" in proc.stderr
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["family"] == model and saved["model"]["d_model"] == 32
+
+
+def test_misspelled_override_names_the_key(tmp_path):
+    proc = run_train("trainer.max_stepz=5", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "max_stepz" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    proc = run_train("trainer.max_steps=many", f"output_dir={tmp_path}")
+    assert proc.returncode != 0 and "max_steps" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.family=transformer", "model.family='transformer'"),
+        ("model.d_model=250", "model.d_model=250 is not divisible by model.n_heads=4"),
+        ("data.seq_len=512", "data.seq_len=512 is longer than the position table model.max_seq_len=64"),
+        ("model.n_kv_heads=3", "model.n_kv_heads=3 does not divide model.n_heads"),
+        ("objective=mlm", "objective.name=mlm trains the encoder family but model.family=decoder"),
+    ],
+)
+def test_bad_settings_fail_early_with_one_line(corpus_file, cache_dir, tmp_path, override, named):
+    out = tmp_path / "runs"
+    overrides = tiny_overrides(corpus_file, cache_dir, out) + ["model.n_heads=4", override]
+    proc = run_train(*overrides)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and named in lines[0], proc.stderr[-2000:]
+    assert not out.exists(), "nothing may be written before the config is known to be sound"
+
+
+def test_unknown_model_config_name(tmp_path):
+    proc = run_train("model=transformer", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "model" in proc.stderr and "transformer" in proc.stderr
+    assert "decoder" in proc.stderr  # Hydra lists the available options
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty"])
+def test_bad_data_file_is_named(cache_dir, tmp_path, problem):
+    path = tmp_path / "data.jsonl"
+    if problem == "empty":
+        path.write_text("")
+    out = tmp_path / "runs"
+    proc = run_train(*tiny_overrides(path, cache_dir, out))
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert (
+        len(error) == 1
+        and str(path) in error[0]
+        and ("matches no file" if problem == "missing" else "empty") in error[0]
+    )
+    assert not out.exists()
+
+
+def test_wandb_offline_writes_run_files(corpus_file, cache_dir, tmp_path):
+    pytest.importorskip("wandb")
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path) + [
+        "trainer.max_steps=3",
+        "logger.wandb=offline",
+    ]
+    proc = run_train(*overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "decoder-test" / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())

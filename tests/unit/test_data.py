@@ -1,0 +1,188 @@
+"""Sources, tokenizer, token cache and the window loader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmtrain.config import DataConfig, TokenizerConfig
+from llmtrain.data import DataError, WindowLoader, iter_documents, prepare_corpus, train_bpe
+from llmtrain.data import loader as loader_module
+from llmtrain.data.sources import is_validation, stdlib_files
+from tests.conftest import synthetic_documents, write_jsonl
+
+DOCS = synthetic_documents(60, seed=1) + ["naïve café — 東京 🚀 ünïcödé text.", "tabs\tand\nnewlines\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(DOCS, vocab_size=400, n_sentinels=100)
+
+
+def files_config(paths, tmp_path, **kw) -> DataConfig:
+    return DataConfig(
+        source="files", paths=[str(p) for p in paths], cache_dir=str(tmp_path / "cache"),
+        tokenizer=TokenizerConfig(vocab_size=400, train_bytes=10**6), **kw,
+    )  # fmt: skip
+
+
+def test_special_tokens_have_fixed_ids(tokenizer):
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.mask_id) == (
+        0,
+        1,
+        2,
+        3,
+        4,
+    )
+    assert tokenizer.sentinel_ids == list(range(5, 105))
+    assert tokenizer.hf.id_to_token(5) == "<extra_id_0>" and tokenizer.hf.id_to_token(104) == "<extra_id_99>"
+    assert tokenizer.vocab_size == 400
+
+
+@pytest.mark.parametrize("text", DOCS[-2:] + ["def f(x):\n    return x ** 2\n"])
+def test_round_trip_and_token_bytes(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert int(tokenizer.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
+
+
+def test_special_tokens_count_zero_bytes(tokenizer):
+    assert tokenizer.token_bytes()[tokenizer.special_ids].sum() == 0
+
+
+def test_vocab_too_small_is_refused():
+    with pytest.raises(ValueError, match="data.tokenizer.vocab_size=300"):
+        train_bpe(DOCS, vocab_size=300)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_local_file_kinds_read_the_same_documents(tmp_path, kind):
+    docs = DOCS[:5]
+    if kind == "jsonl":
+        paths = [write_jsonl(tmp_path / "a.jsonl", docs)]
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        paths = [tmp_path / "a.parquet"]
+        pq.write_table(pa.table({"text": docs}), paths[0])
+    else:  # one document per .txt file
+        paths = []
+        for i, d in enumerate(docs):
+            (tmp_path / f"{i}.txt").write_text(d)
+            paths.append(tmp_path / f"{i}.txt")
+    assert sorted(iter_documents(files_config(paths, tmp_path))) == sorted(docs)
+
+
+def test_globs_and_limits(tmp_path):
+    for i in range(3):
+        write_jsonl(tmp_path / f"part{i}.jsonl", DOCS[i * 10 : i * 10 + 10])
+    cfg = files_config([tmp_path / "part*.jsonl"], tmp_path)
+    assert len(list(iter_documents(cfg))) == 30
+    cfg.max_documents = 7
+    assert len(list(iter_documents(cfg))) == 7
+
+
+def test_hub_source_uses_the_same_path(tmp_path):
+    """A hub name goes through datasets.load_dataset(name, streaming=True); a local folder stands in for it."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", DOCS[:8])
+    cfg = DataConfig(source="hub", hub_name=str(folder), hub_split="train")
+    assert list(iter_documents(cfg)) == DOCS[:8]
+
+
+def test_missing_text_column_is_named(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(DataError, match=r"no column 'text' \(data.text_field\)"):
+        list(iter_documents(files_config([path], tmp_path)))
+
+
+def test_unknown_extension_is_named(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("x\n")
+    with pytest.raises(DataError, match="a.csv has extension '.csv'"):
+        list(iter_documents(files_config([path], tmp_path)))
+
+
+def test_split_is_by_document_and_stable():
+    flags = [is_validation(d, 0.2) for d in DOCS]
+    assert flags == [is_validation(d, 0.2) for d in DOCS]
+    assert 0 < sum(flags) < len(DOCS)
+
+
+def test_stdlib_corpus_is_found_without_site_packages():
+    files = stdlib_files()
+    names = {p.name for p in files}
+    assert {"os.py", "json/__init__.py".split("/")[-1]} <= names
+    assert not any("site-packages" in p.parts for p in files)
+    first = next(iter_documents(DataConfig(source="stdlib", max_documents=1)))
+    assert len(first) > 0
+
+
+def test_corpus_is_cached_and_tokenizer_reused(tmp_path, monkeypatch):
+    cfg = files_config([write_jsonl(tmp_path / "a.jsonl", DOCS)], tmp_path)
+    corpus = prepare_corpus(cfg)
+    n_docs = len(DOCS)
+    # every document ends with EOS; train + val hold them all
+    eos = corpus.tokenizer.eos_id
+    assert int((corpus.train == eos).sum() + (corpus.val == eos).sum()) == n_docs
+    assert corpus.train.dtype == np.uint16
+
+    def no_training(*a, **k):
+        raise AssertionError("the tokenizer should have been reused")
+
+    monkeypatch.setattr(loader_module, "train_bpe", no_training)
+    monkeypatch.setattr(loader_module, "_encode_splits", no_training)
+    again = prepare_corpus(cfg)
+    assert again.tokenizer_path == corpus.tokenizer_path
+    assert np.array_equal(again.train, corpus.train)
+
+
+def test_interrupted_tokenisation_is_not_reused(tmp_path, monkeypatch):
+    cfg = files_config([write_jsonl(tmp_path / "a.jsonl", DOCS)], tmp_path)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader_module, "atomic_write_text", crash)  # killed before the manifest is written
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus(cfg)
+    monkeypatch.undo()
+    assert list((tmp_path / "cache" / "tokens").rglob("train.bin"))
+    assert not list((tmp_path / "cache" / "tokens").rglob("meta.json"))
+    corpus = prepare_corpus(cfg)  # starts over and completes
+    assert len(corpus.train) > 0
+
+
+def test_window_loader_epoch_covers_every_window_once():
+    tokens = np.arange(100 * 8, dtype=np.uint16)
+    loader = WindowLoader(tokens, raw_length=8, batch_size=10, seed=0)
+    starts = torch.cat([loader.next_batch()[:, 0] for _ in range(loader.batches_per_epoch)])
+    assert sorted(starts.tolist()) == list(range(0, 800, 8))
+    assert loader.epoch == 0 and loader.next_batch().shape == (10, 8) and loader.epoch == 1
+
+
+def test_window_loader_resumes_at_the_same_batch():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a = WindowLoader(tokens, raw_length=10, batch_size=4, seed=3)
+    for _ in range(30):  # crosses an epoch boundary (25 batches per epoch)
+        a.next_batch()
+    b = WindowLoader(tokens, raw_length=10, batch_size=4, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.next_batch(), b.next_batch())
+
+
+def test_window_loader_ranks_are_disjoint():
+    tokens = np.arange(400, dtype=np.uint16)
+    seen = [WindowLoader(tokens, 10, 4, seed=1, rank=r, world_size=2).next_batch()[:, 0] for r in range(2)]
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
+
+
+def test_window_loader_too_little_data():
+    with pytest.raises(DataError, match="the train split has 50 tokens"):
+        WindowLoader(np.zeros(50, dtype=np.uint16), raw_length=10, batch_size=8, seed=0)
