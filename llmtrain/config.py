@@ -96,7 +96,7 @@ class TrainerConfig:
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
     precision: str = "auto"
-    """auto (bf16 where the device supports it, else fp32) | bf16 | fp32."""
+    """auto (bf16 where the device supports it, else fp32) | bf16 | fp16 (CUDA, with loss scaling) | fp32."""
     device: str = "auto"
     """auto | cpu | cuda."""
     eval_interval: int = 100
@@ -109,13 +109,33 @@ class TrainerConfig:
     """Also save every N steps (0: only at the end)."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint of the run directory | never."""
-    compile: bool = False
     num_threads: int = 0
     """torch CPU threads; 0 leaves torch's default."""
     progress: bool = True
     """Show a progress bar with tokens/s."""
     sample_tokens: int = 64
     """Tokens to generate at the end of a decoder run (0: none)."""
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "single"
+    """single (one process, or every rank alone) | ddp | fsdp (FSDP2 fully_shard per block and at the root)."""
+    shard_size: int = 0
+    """FSDP sharding factor: ranks one parameter is sharded over. 0 = world size (full shard, ZeRO-3);
+    1 = full replication (like DDP); a divisor in between = hybrid shard (HSDP: replicate x shard mesh)."""
+    reshard_after_forward: bool = True
+    """FSDP: True frees gathered parameters after forward (ZeRO-3); False keeps them to backward (ZeRO-2)."""
+    zero1: bool = False
+    """DDP: shard optimizer states over ranks with ZeroRedundancyOptimizer (ZeRO-1)."""
+    cpu_offload: bool = False
+    """FSDP: keep sharded parameters, gradients and optimizer states in CPU memory (CPUOffloadPolicy)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+    compile: bool = False
+    """torch.compile each block."""
+    timeout_minutes: float = 10.0
+    """Collective timeout: a rank that stops answering fails the run instead of hanging it."""
 
 
 @dataclass
@@ -134,6 +154,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 1337
     run_name: str = "default"
@@ -215,7 +236,15 @@ def validate(cfg: TrainConfig) -> None:
         )
     for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
         _positive(f"trainer.{name}", getattr(cfg.trainer, name))
-    _one_of("trainer.precision", cfg.trainer.precision, ("auto", "bf16", "fp32"))
+    _one_of("trainer.precision", cfg.trainer.precision, ("auto", "bf16", "fp16", "fp32"))
+    p = cfg.parallel
+    _one_of("parallel.strategy", p.strategy, ("single", "ddp", "fsdp"))
+    if p.shard_size < 0:
+        raise ConfigError(f"parallel.shard_size={p.shard_size} must be >= 0 (0 = world size)")
+    if p.zero1 and p.strategy != "ddp":
+        raise ConfigError(f"parallel.zero1=true needs parallel.strategy=ddp, not {p.strategy}")
+    if p.cpu_offload and p.strategy != "fsdp":
+        raise ConfigError(f"parallel.cpu_offload=true needs parallel.strategy=fsdp, not {p.strategy}")
     _one_of("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
     _one_of("trainer.resume", cfg.trainer.resume, ("auto", "never"))
     _positive("optim.lr", cfg.optim.lr)

@@ -166,8 +166,10 @@ class WindowLoader:
         return torch.from_numpy(windows)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        """Position as windows consumed by all ranks, so a run can resume at another world size."""
+        return {"epoch": self.epoch, "windows": self.index * self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.epoch = int(state["epoch"])
+        self.index = min(int(state["windows"]) // (self.batch_size * self.world_size), self.batches_per_epoch)
         self._order = self._permutation()

@@ -1,7 +1,10 @@
-"""Single-process checkpoints: step-XXXXXXX/ folders in the run directory, complete or absent.
+"""Checkpoints: step-XXXXXXX/ folders in the run directory, complete or absent, loadable at any world size.
 
-A checkpoint is written under a temporary name and renamed once whole, so a crash mid-save leaves the
-previous one usable. Loaded with weights_only=True: nothing in a checkpoint can run code.
+Model and optimizer go through torch.distributed.checkpoint (DCP): every rank writes its shard, and a load
+reshards, so a checkpoint saved by FSDP on 2 ranks loads in one process, or DDP's under FSDP. The small
+training state (step, tokens, schedule, loader position) and each rank's RNG states are torch.save'd and
+loaded with weights_only=True. A checkpoint is written under a temporary name and renamed once all ranks
+have finished, so a crash mid-save leaves the previous one usable.
 """
 
 from __future__ import annotations
@@ -9,38 +12,123 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from llmtrain.distributed.env import barrier
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
-STATE_FILE = "state.pt"
+TRAIN_STATE = "train_state.pt"
+ZERO1_OPTIMIZER = "optimizer_zero1.pt"
+DCP_METADATA = ".metadata"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f"step-{step:07d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any]) -> Path:
-    final = checkpoint_dir(run_dir, step)
-    tmp = run_dir / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+def is_complete(path: Path) -> bool:
+    return (path / TRAIN_STATE).is_file() and (path / DCP_METADATA).is_file()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete step-XXXXXXX/ folder (temporary folders never match)."""
     if not run_dir.is_dir():
         return None
-    found = [p for p in run_dir.iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in run_dir.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
     return max(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), default=None)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
+def _is_zero1(optimizer) -> bool:
+    return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if optimizer is None or _is_zero1(optimizer):
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    rank: int = 0,
+) -> Path:
+    """Collective: every rank calls it at the same step."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = run_dir / f".{final.name}.partial"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    with warnings.catch_warnings():  # one process without a process group is a supported case
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp))
+    if _is_zero1(optimizer):  # ZeRO-1 states are gathered on rank 0 and saved whole beside the DCP model
+        optimizer.consolidate_state_dict(to=0)
+        if rank == 0:
+            torch.save(optimizer.state_dict(), tmp / ZERO1_OPTIMIZER)
+    torch.save(rank_state, tmp / f"rank{rank}.pt")
+    barrier()
+    if rank == 0:  # written last: a folder with train_state.pt has everything else
+        torch.save(train_state, tmp / TRAIN_STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+    return final
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+
+
+def read_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
+    """This rank's RNG states, or None when the checkpoint came from a smaller world."""
+    file = path / f"rank{rank}.pt"
+    return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load model (and optimizer) state in place, whatever the world size and strategy that saved it.
+
+    Exception: ZeRO-1 optimizer states (saved whole, not through DCP) resume only under ZeRO-1.
+    """
+    zero1_file = path / ZERO1_OPTIMIZER
+    if optimizer is not None and zero1_file.is_file() != _is_zero1(optimizer):
+        saved, now = (
+            ("parallel.zero1=true", "another strategy")
+            if zero1_file.is_file()
+            else ("another strategy", "ZeRO-1")
+        )
+        raise ValueError(
+            f"checkpoint {path} holds optimizer states of {saved}; they cannot resume under {now}. "
+            "Resume with the saving run's parallel settings, or start a new run_name"
+        )
+    if optimizer is not None and _is_zero1(optimizer):
+        optimizer.load_state_dict(torch.load(zero1_file, map_location="cpu", weights_only=True))
+        optimizer = None  # only the model is left for DCP
+    state = _sharded_state(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(path))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

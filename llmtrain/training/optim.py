@@ -18,12 +18,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device_type: str, zero1: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (fp32 states); zero1 shards its states over the data-parallel ranks (ZeroRedundancyOptimizer)."""
     # fused kernels on CUDA; foreach (multi-tensor) elsewhere: both avoid a Python loop over parameters
     fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fast
-    )
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **fast}
+    if not zero1:
+        return torch.optim.AdamW(groups, **kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -18,10 +18,18 @@ import torch
 
 from llmtrain.config import ConfigError, TrainConfig
 from llmtrain.data import Corpus, Tokenizer, WindowLoader, prepare_corpus
+from llmtrain.distributed.env import DistInfo, all_reduce_sum, barrier, init_distributed
+from llmtrain.distributed.parallelize import parallelize
 from llmtrain.inference.generate import greedy_seq2seq, sample
 from llmtrain.models import build_model, count_parameters
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
-from llmtrain.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmtrain.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_rank_state,
+    read_train_state,
+    save_checkpoint,
+)
 from llmtrain.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("llmtrain")
@@ -52,14 +60,6 @@ def build_objective(cfg: TrainConfig, tokenizer: Tokenizer):
         o.mean_noise_span_length,
         o.targets_length,
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available; allowed here: auto, cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def cpu_supports_bf16() -> bool:
@@ -131,11 +131,19 @@ class Trainer:
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.device = resolve_device(t.device)
+        try:
+            self.dist: DistInfo = init_distributed(t.device, cfg.parallel.timeout_minutes)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.device, rank, world = self.dist.device, self.dist.rank, self.dist.world_size
         self.precision = resolve_precision(t.precision, self.device)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
 
+        if corpus is None and not self.dist.is_main:
+            barrier()  # rank 0 tokenizes and caches first; the others then read its cache
         self.corpus = corpus or prepare_corpus(cfg.data)
+        if corpus is None and self.dist.is_main:
+            barrier()
         tok = self.corpus.tokenizer
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = tok.vocab_size
@@ -149,39 +157,74 @@ class Trainer:
         self.objective = build_objective(cfg, tok)
         self.token_bytes = tok.token_bytes().to(self.device)
 
-        self.train_loader = WindowLoader(
-            self.corpus.train, self.objective.raw_length, t.micro_batch_size, cfg.seed, name="train"
-        )
+        raw, batch = self.objective.raw_length, t.micro_batch_size
+        self.train_loader = WindowLoader(self.corpus.train, raw, batch, cfg.seed, rank=rank, world_size=world)
         self.val_loader = WindowLoader(
             self.corpus.val,
-            self.objective.raw_length,
-            t.micro_batch_size,
+            raw,
+            batch,
             cfg.seed,
             shuffle=False,
+            rank=rank,
+            world_size=world,
             name="validation",
         )
-        self.eval_batches = min(t.eval_batches, self.val_loader.batches_per_epoch)
-        self.objective_rng = torch.Generator().manual_seed(cfg.seed)
+        # an eval batch is a global batch (micro x accumulation x ranks), so every layout evaluates the same windows
+        self.eval_micro_batches = min(t.eval_batches * t.grad_accum_steps, self.val_loader.batches_per_epoch)
+        self.objective_rng = torch.Generator().manual_seed(cfg.seed + rank)  # each rank masks its own windows
 
         self.model = build_model(cfg.model, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        # the module to call in training (DDP wraps; FSDP shards self.model in place)
+        self.forward_model = parallelize(self.model, cfg.parallel, self.dist, self.precision)
+        # FSDP casts parameters itself (MixedPrecisionPolicy); otherwise autocast does
+        self.use_autocast = self.precision != "fp32" and cfg.parallel.strategy != "fsdp"
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, zero1=cfg.parallel.zero1)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        self.scaler = None
+        if self.precision == "fp16":
+            if cfg.parallel.strategy == "fsdp":
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler()
+            else:
+                self.scaler = torch.amp.GradScaler("cuda")
         self.step, self.tokens_seen = 0, 0
 
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resolved_config = resolved_config or dataclasses.asdict(cfg)
-        (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
+        barrier()
         resumed = self._resume()
-        self.metrics = MetricsLog(cfg, self.run_dir, resolved_config, append=resumed)
+        self.metrics = (
+            MetricsLog(cfg, self.run_dir, resolved_config, append=resumed) if self.dist.is_main else None
+        )
 
     # -- pieces ---------------------------------------------------------------------------------------------
 
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.use_autocast:
+            return torch.autocast(
+                self.device.type, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16
+            )
         return contextlib.nullcontext()
+
+    def gradient_sync(self, enabled: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step of accumulation."""
+        if self.cfg.parallel.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(enabled)
+        elif not enabled and isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel):
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
+
+    def log(self, message: str, *args) -> None:
+        if self.dist.is_main:
+            log.info(message, *args)
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        if self.metrics:
+            self.metrics.write(record)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pin = self.device.type == "cuda"
@@ -191,8 +234,9 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
+        """Input tokens per optimizer step over all ranks."""
         t = self.cfg.trainer
-        return t.micro_batch_size * t.grad_accum_steps * self.objective.seq_len
+        return t.micro_batch_size * t.grad_accum_steps * self.dist.world_size * self.objective.seq_len
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -202,20 +246,22 @@ class Trainer:
         tokenizers compare. The objective's randomness (MLM masks, spans) is fixed for every evaluation.
         """
         self.model.eval()
-        rng = torch.Generator().manual_seed(self.cfg.seed + 1)
-        self.val_loader.load_state_dict({"epoch": 0, "index": 0})
+        rng = torch.Generator().manual_seed(self.cfg.seed + 1 + self.dist.rank)
+        self.val_loader.load_state_dict({"epoch": 0, "windows": 0})
         nats = torch.zeros((), device=self.device, dtype=torch.float64)
         targets = torch.zeros((), device=self.device, dtype=torch.long)
         n_bytes = torch.zeros((), device=self.device, dtype=torch.long)
-        for _ in range(self.eval_batches):
+        for _ in range(self.eval_micro_batches):
             batch = self.to_device(self.objective(self.val_loader.next_batch(), rng))
             with self.autocast():
-                out = self.forward_model(**batch)
+                out = self.model(**batch)
             nats += out.loss.double() * out.n_targets
             targets += out.n_targets
             labels = batch["labels"]
             n_bytes += self.token_bytes[labels[labels >= 0]].sum()
         self.model.train()
+        sums = all_reduce_sum(torch.stack([nats, targets.double(), n_bytes.double()]))
+        nats, targets, n_bytes = sums[0], sums[1], sums[2]
         loss = (nats / targets.clamp(min=1)).item()
         return {
             "val_loss": loss,
@@ -246,28 +292,42 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def train_state(self) -> dict[str, Any]:
+        """What every rank shares; model and optimizer go through DCP beside it."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "loader": self.train_loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "objective": self.objective_rng.get_state()},
             "model_config": dataclasses.asdict(self.cfg.model),
+            "world_size": self.dist.world_size,
         }
 
+    def rank_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "objective": self.objective_rng.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
     def save(self) -> Path:
-        path = save_checkpoint(self.run_dir, self.step, self.state_dict())
-        log.info("checkpoint: %s", path)
+        path = save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.train_state(),
+            self.rank_state(),
+            self.dist.rank,
+        )
+        self.log("checkpoint: %s", path)
         return path
 
     def _resume(self) -> bool:
         path = latest_checkpoint(self.run_dir) if self.cfg.trainer.resume == "auto" else None
         if path is None:
             return False
-        state = load_checkpoint(path, self.device)
+        state = read_train_state(path)
         saved, current = state["model_config"], dataclasses.asdict(self.cfg.model)
         changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if changed:
@@ -276,14 +336,24 @@ class Trainer:
                 + ", ".join(f"model.{k}: {a} there, {b} now" for k, (a, b) in changed.items())
                 + "); choose another run_name or set trainer.resume=never"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            load_checkpoint(path, self.model, self.optimizer)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        self.objective_rng.set_state(state["rng"]["objective"].cpu())
-        log.info("resumed from %s (step %d)", path, self.step)
+        rng = read_rank_state(path, self.dist.rank)
+        if rng is not None and state["world_size"] == self.dist.world_size:
+            torch.set_rng_state(rng["torch"])
+            self.objective_rng.set_state(rng["objective"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:  # another world size: fresh, still deterministic, streams
+            self.objective_rng.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+        self.log("resumed from %s (step %d, saved by %d rank(s))", path, self.step, state["world_size"])
         if self.step >= self.cfg.trainer.max_steps:
             log.warning(
                 "run directory %s already holds a finished run (step %d); choose another run_name, raise "
@@ -298,18 +368,18 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
         n_params = count_parameters(self.model)
-        log.info(
-            "model: %s, %.2fM parameters (%.2fM without embeddings); %s on %s; %d tokens per step",
+        self.log(
+            "model: %s, %.2fM parameters (%.2fM without embeddings); %s on %s x %d (%s); %d tokens per step",
             cfg.model.family, n_params / 1e6, count_parameters(self.model, exclude_embeddings=True) / 1e6,
-            self.precision, self.device, self.tokens_per_step,
+            self.precision, self.device.type, self.dist.world_size, cfg.parallel.strategy, self.tokens_per_step,
         )  # fmt: skip
         first = self.evaluate()
-        log.info("step %d: val loss %.4f, bits per byte %.4f", self.step, first["val_loss"], first["val_bpb"])
-        self.metrics.write({"step": self.step, **first})
+        self.log("step %d: val loss %.4f, bits per byte %.4f", self.step, first["val_loss"], first["val_bpb"])
+        self.write_metrics({"step": self.step, **first})
         result = {"initial_" + k: v for k, v in first.items()}
 
         progress = None
-        if t.progress:
+        if t.progress and self.dist.is_main:
             from tqdm import tqdm
 
             progress = tqdm(
@@ -324,39 +394,41 @@ class Trainer:
                 progress.update(1)
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
+                mean_loss = all_reduce_sum(window_loss / window_steps) / self.dist.world_size
                 record = {
                     "step": self.step,
-                    "loss": (window_loss / window_steps).item(),  # the one host sync, at log intervals only
+                    "loss": mean_loss.item(),  # the one host sync, at log intervals only
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens": self.tokens_seen,
                     "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
                 }
-                self.metrics.write(record)
+                self.write_metrics(record)
                 if progress:
                     progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 else:
-                    log.info(
+                    self.log(
                         "step %d: loss %.4f, %.0f tokens/s", self.step, record["loss"], record["tokens_per_s"]
                     )
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
-                self.metrics.write({"step": self.step, **self.evaluate()})
+                self.write_metrics({"step": self.step, **self.evaluate()})
             if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps:
                 self.save()
         if progress:
             progress.close()
 
         final = self.evaluate()
-        self.metrics.write({"step": self.step, **final})
-        log.info("step %d: val loss %.4f, bits per byte %.4f", self.step, final["val_loss"], final["val_bpb"])
+        self.write_metrics({"step": self.step, **final})
+        self.log("step %d: val loss %.4f, bits per byte %.4f", self.step, final["val_loss"], final["val_bpb"])
         result.update(final, train_seconds=time.perf_counter() - start, steps=self.step)
         if t.checkpoint:
             self.save()
-        if t.sample_tokens:
-            log.info("sample:\n%s", self.sample_text(t.sample_tokens))
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
-        self.metrics.close()
+        if t.sample_tokens:  # every rank runs it (FSDP forwards are collective); rank 0 prints
+            self.log("sample:\n%s", self.sample_text(t.sample_tokens))
+        if self.dist.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+            self.metrics.close()
         return result
 
     def sample_text(self, n_tokens: int) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmtrain.config import ConfigError, validate
-from llmtrain.training.checkpoint import latest_checkpoint, load_checkpoint
+from llmtrain.training.checkpoint import latest_checkpoint, load_checkpoint, read_train_state
 from llmtrain.training.trainer import Trainer
 
 FAMILIES = ["decoder", "encoder", "encoder_decoder"]
@@ -64,15 +64,26 @@ def test_resume_continues_exactly(tiny_config):
     assert result["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-5)
 
 
-def test_checkpoint_loads_with_weights_only(tiny_config):
+def test_checkpoint_loads_into_a_fresh_model(tiny_config):
     trainer = Trainer(tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0"))
     trainer.fit()
-    state = load_checkpoint(latest_checkpoint(trainer.run_dir))  # torch.load(weights_only=True) inside
-    assert state["step"] == 2 and state["model_config"]["family"] == "decoder"
+    path = latest_checkpoint(trainer.run_dir)
+    state = read_train_state(path)  # torch.load(weights_only=True) inside
+    assert state["step"] == 2 and state["model_config"]["family"] == "decoder" and state["world_size"] == 1
     fresh = Trainer(tiny_config("decoder", "trainer.max_steps=2", "trainer.resume=never", "run_name=other"))
-    fresh.model.load_state_dict(state["model"])
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), trainer.model.parameters()))
+    load_checkpoint(path, fresh.model)
     for a, b in zip(fresh.model.state_dict().values(), trainer.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_partial_checkpoint_is_ignored(tiny_config):
+    trainer = Trainer(tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0"))
+    trainer.fit()
+    partial = trainer.run_dir / "step-0000004"  # as a crash mid-save would leave it: no train_state.pt
+    partial.mkdir()
+    (partial / ".metadata").write_bytes(b"")
+    assert latest_checkpoint(trainer.run_dir).name == "step-0000002"
 
 
 def test_resume_refuses_another_model(tiny_config):

@@ -1,0 +1,99 @@
+"""Apply parallelism to a finished model from outside (as torchtitan's parallelize_* functions do).
+
+Order: activation checkpointing per block -> torch.compile per block -> DDP, or FSDP2 `fully_shard` per
+block and at the root. The model files hold no distributed code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from llmtrain.distributed.env import DistInfo
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def block_lists(model: nn.Module) -> Iterator[nn.ModuleList]:
+    """Every `layers` ModuleList of transformer blocks (one per stack: one, or encoder + decoder)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers":
+            yield module
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of storing them."""
+    for layers in block_lists(model):
+        for i, block in enumerate(layers):
+            layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block separately: blocks are identical, so one compiled graph serves them all."""
+    for layers in block_lists(model):
+        for i, block in enumerate(layers):
+            layers[i] = torch.compile(block, fullgraph=False)
+
+
+def fsdp_mesh(info: DistInfo, shard_size: int) -> DeviceMesh:
+    """1-D mesh for full sharding; 2-D (replicate, shard) for hybrid sharding; shard_size 1 replicates."""
+    world = info.world_size
+    shard = shard_size or world
+    if shard < 1 or world % shard:
+        raise ValueError(
+            f"parallel.shard_size={shard_size} must divide the world size {world}; allowed: 0 (= world size, full "
+            f"shard), 1 (replicate, like DDP), or a divisor in between (hybrid shard)"
+        )
+    if shard == world:
+        return init_device_mesh(info.device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(info.device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    precision: str,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> None:
+    """fully_shard each block, then the root (embeddings, final norms, head).
+
+    reshard_after_forward=True frees gathered parameters after each block's forward (ZeRO-3); False keeps
+    them until backward (ZeRO-2: more memory, less communication). Under bf16/fp16 parameters are gathered
+    in that dtype and gradients reduced in fp32; the sharded master weights and Adam states stay fp32.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=PRECISION_DTYPES[precision], reduce_dtype=torch.float32)
+    kwargs = {"mesh": mesh, "mp_policy": mp}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layers in block_lists(model):
+        for block in layers:
+            fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=False, **kwargs)  # the root is needed again at once in backward
+
+
+def parallelize(model: nn.Module, parallel, info: DistInfo, precision: str) -> nn.Module:
+    """Returns the module to call in the training step; `model` itself stays the one to save and sample."""
+    if parallel.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if parallel.compile:
+        apply_compile(model)
+    if parallel.strategy == "fsdp":
+        apply_fsdp(
+            model,
+            fsdp_mesh(info, parallel.shard_size),
+            precision,
+            parallel.reshard_after_forward,
+            parallel.cpu_offload,
+        )
+        return model
+    if parallel.strategy == "ddp" and info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    return model
