@@ -81,6 +81,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise ConfigError(
             f"trainer.precision=bf16 is not supported by {torch.cuda.get_device_name()}; use fp32"
         )
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "trainer.precision=fp16 needs a CUDA device (loss scaling); on CPU use bf16 or fp32"
+        )
     return name
 
 
@@ -137,6 +141,10 @@ class Trainer:
             raise ConfigError(str(err)) from None
         self.device, rank, world = self.dist.device, self.dist.rank, self.dist.world_size
         self.precision = resolve_precision(t.precision, self.device)
+        if cfg.parallel.cpu_offload and self.device.type != "cuda":
+            raise ConfigError(
+                "parallel.cpu_offload=true offloads CUDA shards to host memory; it needs a CUDA device"
+            )
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
 
         if corpus is None and not self.dist.is_main:

@@ -54,11 +54,16 @@ def test_wrong_type_names_the_key(tmp_path):
         ("data.seq_len=512", "data.seq_len=512 is longer than the position table model.max_seq_len=64"),
         ("model.n_kv_heads=3", "model.n_kv_heads=3 does not divide model.n_heads"),
         ("objective=mlm", "objective.name=mlm trains the encoder family but model.family=decoder"),
+        ("trainer.precision=fp16", "trainer.precision=fp16 needs a CUDA device"),
+        ("parallel.zero1=true", "parallel.zero1=true needs parallel.strategy=ddp, not single"),
+        ("parallel=fsdp", "parallel.cpu_offload=true offloads CUDA shards"),
     ],
 )
 def test_bad_settings_fail_early_with_one_line(corpus_file, cache_dir, tmp_path, override, named):
     out = tmp_path / "runs"
     overrides = tiny_overrides(corpus_file, cache_dir, out) + ["model.n_heads=4", override]
+    if override == "parallel=fsdp":
+        overrides.append("parallel.cpu_offload=true")
     proc = run_train(*overrides)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -116,3 +116,24 @@ def test_gradient_accumulation_matches_large_batch(tiny_config):
         t.train_step()
     for a, b in zip(big.model.parameters(), small.model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tiny_config):
+    """parallel.compile compiles each block; the training it computes is the eager one."""
+    steps = ("trainer.max_steps=6", "trainer.sample_tokens=0", "trainer.checkpoint=false")
+    eager = Trainer(tiny_config("decoder", *steps, "run_name=eager")).fit()
+    compiled = Trainer(tiny_config("decoder", *steps, "run_name=compiled", "parallel.compile=true"))
+    assert all(hasattr(block, "_orig_mod") for block in compiled.model.decoder.layers)  # OptimizedModule
+    result = compiled.fit()
+    assert result["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-4)
+
+
+def test_activation_checkpointing_matches_plain(tiny_config):
+    steps = ("trainer.max_steps=4", "trainer.sample_tokens=0", "trainer.checkpoint=false")
+    plain = Trainer(tiny_config("encoder_decoder", *steps, "run_name=plain")).fit()
+    ckpt = Trainer(
+        tiny_config("encoder_decoder", *steps, "run_name=ac", "parallel.activation_checkpointing=true")
+    )
+    assert all("Checkpoint" in type(block).__name__ for block in ckpt.model.encoder.layers)
+    assert ckpt.fit()["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-5)
