@@ -30,10 +30,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:
+def init_distributed(
+    device: str = "auto", timeout_minutes: float = 10.0, need_group: bool = False
+) -> DistInfo:
     """Join the process group torchrun describes (if any) and pick this rank's device.
 
-    device: auto (CUDA when present, else CPU) | cpu | cuda.
+    device: auto (CUDA when present, else CPU) | cpu | cuda. need_group: make a one-rank process group when
+    not launched by torchrun (FSDP needs a group even on one device).
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -42,16 +45,19 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> Dis
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+    torchrun = launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+    if not (torchrun or need_group):
         return DistInfo(device=dev)
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:  # surface NCCL errors as exceptions instead of hangs
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        kwargs = {} if launched_by_torchrun() else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=dev if use_cuda else None,
+            **kwargs,
         )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 

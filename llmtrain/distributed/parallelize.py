@@ -12,7 +12,12 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from llmtrain.distributed.env import DistInfo
@@ -76,6 +81,9 @@ def apply_fsdp(
         for block in layers:
             fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # the root is needed again at once in backward
+    for method in ("encode", "decode"):  # called directly by generation: they must gather parameters too
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
 
 
 def parallelize(model: nn.Module, parallel, info: DistInfo, precision: str) -> nn.Module:

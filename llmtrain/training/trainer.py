@@ -136,7 +136,9 @@ class Trainer:
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         try:
-            self.dist: DistInfo = init_distributed(t.device, cfg.parallel.timeout_minutes)
+            self.dist: DistInfo = init_distributed(
+                t.device, cfg.parallel.timeout_minutes, need_group=cfg.parallel.strategy == "fsdp"
+            )
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.device, rank, world = self.dist.device, self.dist.rank, self.dist.world_size

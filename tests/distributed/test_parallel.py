@@ -65,6 +65,7 @@ def reference(corpus_file, cache_dir, tmp_path_factory):
         ("ddp_accum", 2, 2, ["parallel=ddp", "trainer.grad_accum_steps=2"]),
         ("ddp_zero1", 2, 4, ["parallel=ddp", "parallel.zero1=true"]),
         ("fsdp", 2, 4, ["parallel=fsdp"]),
+        ("fsdp_one_process", 1, 8, ["parallel=fsdp"]),
         (
             "fsdp_zero2_ckpt",
             2,
@@ -106,3 +107,16 @@ def test_checkpoint_resumes_under_another_strategy(run, reference, tmp_path, fir
     resumed = run("moved", nproc, micro_batch, *extra)
     assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=2e-4)
     assert resumed["val_loss"] != pytest.approx(resumed["initial_val_loss"], abs=1e-3)  # it did train on
+
+
+def test_fsdp_encoder_decoder_trains_and_generates(corpus_file, cache_dir, tmp_path):
+    """Generation calls encode()/decode() directly; under FSDP those gather parameters on every rank too."""
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path, "encoder_decoder") + [
+        "trainer.max_steps=4",
+        "trainer.num_threads=1",
+        "trainer.sample_tokens=8",
+        "parallel=fsdp",
+    ]
+    proc = launch(2, overrides)
+    assert "model:" in proc.stderr and "sample:" in proc.stderr
+    assert proc.stderr.count("sample:") == 1  # rank 0 alone logs
