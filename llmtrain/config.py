@@ -7,6 +7,7 @@ at composition time with a message naming the key. `validate()` then checks what
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,20 @@ class TrainerConfig:
     """Also save every N steps (0: only at the end)."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint of the run directory | never."""
+    keep_last_k: int = 3
+    """Complete checkpoints kept in the run directory (at least 2; the newest is never deleted)."""
+    time_limit_minutes: float = 0.0
+    """Stop with a checkpoint after this much wall-clock time (0: no limit), as on SIGTERM."""
+    stop_check_interval: int = 1
+    """Steps between the ranks' agreement on a stop request (one tiny all-reduce; single process: free)."""
+    nonfinite: str = "error"
+    """A NaN/inf loss or gradient norm: error (stop, naming the step) | skip (drop the update, warn)."""
+    max_skips: int = 3
+    """trainer.nonfinite=skip: stop after this many skipped steps."""
+    spike_factor: float = 2.0
+    """Log a loss spike when a logged loss exceeds this multiple of the running mean (0: off)."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks; sets grad_accum_steps = global / (micro x ranks)."""
     num_threads: int = 0
     """torch CPU threads; 0 leaves torch's default."""
     progress: bool = True
@@ -186,6 +201,26 @@ def _positive(name: str, value: int | float) -> None:
         raise ConfigError(f"{name}={value} must be > 0")
 
 
+def resolve_batch(cfg: TrainConfig, data_parallel_size: int) -> None:
+    """Derive grad_accum_steps from trainer.global_batch_size, or fail naming the settings."""
+    t = cfg.trainer
+    if t.global_batch_size is None:
+        return
+    per_step = t.micro_batch_size * data_parallel_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by trainer.micro_batch_size="
+            f"{t.micro_batch_size} x data-parallel size {data_parallel_size} = {per_step}; allowed: multiples of {per_step}"
+        )
+    accum = t.global_batch_size // per_step
+    if t.grad_accum_steps not in (1, accum):
+        raise ConfigError(
+            f"trainer.grad_accum_steps={t.grad_accum_steps} contradicts trainer.global_batch_size="
+            f"{t.global_batch_size} (which needs {accum}); set one of them"
+        )
+    t.grad_accum_steps = accum
+
+
 def validate(cfg: TrainConfig) -> None:
     """Everything that can be checked before data, model or run directory exist."""
     try:
@@ -247,6 +282,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"parallel.cpu_offload=true needs parallel.strategy=fsdp, not {p.strategy}")
     _one_of("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
     _one_of("trainer.resume", cfg.trainer.resume, ("auto", "never"))
+    _one_of("trainer.nonfinite", cfg.trainer.nonfinite, ("error", "skip"))
+    if cfg.trainer.keep_last_k < 2:
+        raise ConfigError(
+            f"trainer.keep_last_k={cfg.trainer.keep_last_k} must be >= 2 (a crash mid-save needs a spare)"
+        )
+    _positive("trainer.stop_check_interval", cfg.trainer.stop_check_interval)
+    resolve_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.trainer.global_batch_size is not None:
+        _positive("trainer.global_batch_size", cfg.trainer.global_batch_size)
     _positive("optim.lr", cfg.optim.lr)
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
     if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:

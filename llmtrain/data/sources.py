@@ -90,7 +90,14 @@ def _read_dataset(cfg: DataConfig) -> Iterator[str]:
     else:
         dataset = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=True)
         where = f"data.hub_name={cfg.hub_name}"
-    for record in dataset:
+    records = iter(dataset)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as err:  # pyarrow / json errors of a corrupt file: name the data, not the parser
+            raise DataError(f"{where}: could not be read: {str(err).splitlines()[0][:300]}") from err
         if cfg.text_field not in record:
             raise DataError(
                 f"{where}: no column {cfg.text_field!r} (data.text_field); columns: {sorted(record)}"

@@ -42,12 +42,40 @@ def is_complete(path: Path) -> bool:
     return (path / TRAIN_STATE).is_file() and (path / DCP_METADATA).is_file()
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete step-XXXXXXX/ folder (temporary folders never match)."""
+def _step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step-XXXXXXX/ folders, oldest first (temporary .partial folders never match)."""
     if not run_dir.is_dir():
-        return None
-    found = [p for p in run_dir.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
-    return max(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), default=None)
+        return []
+    return sorted((p for p in run_dir.iterdir() if STEP_DIR.match(p.name) and is_complete(p)), key=_step_of)
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    """What a crash mid-save leaves: .partial folders, or step folders without their last file."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(
+        p
+        for p in run_dir.iterdir()
+        if p.is_dir() and (p.name.endswith(".partial") or (STEP_DIR.match(p.name) and not is_complete(p)))
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete step-XXXXXXX/ folder."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep_last_k: int) -> list[Path]:
+    """Delete all but the newest keep_last_k complete checkpoints (never the newest); returns what went."""
+    doomed = complete_checkpoints(run_dir)[: -max(keep_last_k, 1)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def _is_zero1(optimizer) -> bool:
@@ -69,12 +97,14 @@ def save_checkpoint(
     train_state: dict[str, Any],
     rank_state: dict[str, Any],
     rank: int = 0,
+    keep_last_k: int = 0,
 ) -> Path:
-    """Collective: every rank calls it at the same step."""
+    """Collective: every rank calls it at the same step. keep_last_k > 0 prunes older complete checkpoints."""
     final = checkpoint_dir(run_dir, step)
     tmp = run_dir / f".{final.name}.partial"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in run_dir.glob(".step-*.partial"):  # left by a save that crashed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     with warnings.catch_warnings():  # one process without a process group is a supported case
@@ -91,6 +121,8 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if keep_last_k:
+            prune_checkpoints(run_dir, keep_last_k)
     barrier()
     return final
 

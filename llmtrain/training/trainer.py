@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmtrain.config import ConfigError, TrainConfig
+from llmtrain.config import ConfigError, TrainConfig, resolve_batch
 from llmtrain.data import Corpus, Tokenizer, WindowLoader, prepare_corpus
 from llmtrain.distributed.env import DistInfo, all_reduce_sum, barrier, init_distributed
 from llmtrain.distributed.parallelize import parallelize
@@ -24,12 +24,14 @@ from llmtrain.inference.generate import greedy_seq2seq, sample
 from llmtrain.models import build_model, count_parameters
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
 from llmtrain.training.checkpoint import (
+    incomplete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     read_rank_state,
     read_train_state,
     save_checkpoint,
 )
+from llmtrain.training.guards import NonFiniteGuard, SpikeDetector, StopRequest
 from llmtrain.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("llmtrain")
@@ -142,6 +144,7 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.device, rank, world = self.dist.device, self.dist.rank, self.dist.world_size
+        resolve_batch(cfg, world)
         self.precision = resolve_precision(t.precision, self.device)
         if cfg.parallel.cpu_offload and self.device.type != "cuda":
             raise ConfigError(
@@ -162,6 +165,13 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
                 f"({self.corpus.tokenizer_path}); allowed: 0 (from the tokenizer) or >= {tok.vocab_size}"
             )
+        for split, tokens in (("train", self.corpus.train), ("validation", self.corpus.val)):
+            if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
+                raise ConfigError(
+                    f"the {split} tokens of {getattr(tokens, 'filename', None) or cfg.data.cache_dir} hold id "
+                    f"{int(tokens.max())}, beyond model.vocab_size={cfg.model.vocab_size}; were they made with "
+                    f"another tokenizer than {self.corpus.tokenizer_path}?"
+                )
         cfg.model.pad_token_id = tok.pad_id
         cfg.model.decoder_start_token_id = tok.pad_id
         self.objective = build_objective(cfg, tok)
@@ -199,6 +209,8 @@ class Trainer:
             else:
                 self.scaler = torch.amp.GradScaler("cuda")
         self.step, self.tokens_seen = 0, 0
+        self.guard = NonFiniteGuard(t.nonfinite, t.max_skips, check_grad_norm=self.precision != "fp16")
+        self.spikes = SpikeDetector(t.spike_factor)
 
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         resolved_config = resolved_config or dataclasses.asdict(cfg)
@@ -283,17 +295,28 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device)."""
         accum = self.cfg.trainer.grad_accum_steps
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for micro_step in range(accum):
             batch = self.to_device(self.objective(self.train_loader.next_batch(), self.objective_rng))
-            with self.autocast():
-                loss = self.forward_model(**batch).loss / accum
-            loss.backward()
+            with self.gradient_sync(micro_step == accum - 1):
+                with self.autocast():
+                    loss = self.forward_model(**batch).loss / accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
-        if self.cfg.optim.grad_clip > 0:
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.cfg.optim.grad_clip
-            )
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(self.grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+            self.grad_norm = self.grad_norm.full_tensor()
+        if self.guard.bad(total, self.grad_norm):  # agreed by all ranks: all skip, or none
+            self.guard.handle(self.step + 1)
+            if self.scaler:
+                self.scaler.update()  # lowers the scale after an overflow
+        elif self.scaler:
+            self.scaler.step(self.optimizer)  # skips the step itself when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -329,6 +352,7 @@ class Trainer:
             self.train_state(),
             self.rank_state(),
             self.dist.rank,
+            keep_last_k=self.cfg.trainer.keep_last_k,
         )
         self.log("checkpoint: %s", path)
         return path
@@ -337,6 +361,8 @@ class Trainer:
         path = latest_checkpoint(self.run_dir) if self.cfg.trainer.resume == "auto" else None
         if path is None:
             return False
+        for skipped in incomplete_checkpoints(self.run_dir):
+            self.log("skipping incomplete checkpoint %s (a save that did not finish)", skipped)
         state = read_train_state(path)
         saved, current = state["model_config"], dataclasses.asdict(self.cfg.model)
         changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
@@ -395,38 +421,24 @@ class Trainer:
             progress = tqdm(
                 total=t.max_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True
             )
-        window_loss = torch.zeros((), device=self.device)
-        window_start, window_steps, start = time.perf_counter(), 0, time.perf_counter()
-        while self.step < t.max_steps:
-            window_loss += self.train_step()
-            window_steps += 1
+        start = time.perf_counter()
+        stop = StopRequest(t.time_limit_minutes)
+        try:
+            stopped = self._loop(stop, progress)
+        finally:
+            stop.restore()
             if progress:
-                progress.update(1)
-            if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                elapsed = time.perf_counter() - window_start
-                mean_loss = all_reduce_sum(window_loss / window_steps) / self.dist.world_size
-                record = {
-                    "step": self.step,
-                    "loss": mean_loss.item(),  # the one host sync, at log intervals only
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "tokens": self.tokens_seen,
-                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
-                }
-                self.write_metrics(record)
-                if progress:
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                else:
-                    self.log(
-                        "step %d: loss %.4f, %.0f tokens/s", self.step, record["loss"], record["tokens_per_s"]
-                    )
-                window_loss.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
-                self.write_metrics({"step": self.step, **self.evaluate()})
-            if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps:
-                self.save()
-        if progress:
-            progress.close()
+                progress.close()
+        if stopped:
+            self.save()
+            self.log(
+                "stopped at step %d (%s); the same command resumes from the checkpoint", self.step, stopped
+            )
+            result.update(stopped=stopped, steps=self.step, train_seconds=time.perf_counter() - start)
+            if self.dist.is_main:
+                (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+                self.metrics.close()
+            return result
 
         final = self.evaluate()
         self.write_metrics({"step": self.step, **final})
@@ -440,6 +452,59 @@ class Trainer:
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
             self.metrics.close()
         return result
+
+    def _loop(self, stop: StopRequest, progress) -> str | None:
+        """Train to max_steps; returns why it stopped early (a signal, the time limit), or None."""
+        t = self.cfg.trainer
+        window_loss = torch.zeros((), device=self.device)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < t.max_steps:
+            window_loss += self.train_step()
+            window_steps += 1
+            if progress:
+                progress.update(1)
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                mean_loss = all_reduce_sum(window_loss / window_steps) / self.dist.world_size
+                record = {
+                    "step": self.step,
+                    "loss": mean_loss.item(),  # the host sync of the loop, at log intervals only
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": float(self.grad_norm),
+                    "tokens": self.tokens_seen,
+                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                }
+                if self.spikes.update(record["loss"]):
+                    record["loss_spike"] = True
+                    self.log(
+                        "loss spike at step %d: %.4f (running mean %.4f)",
+                        self.step,
+                        record["loss"],
+                        self.spikes.mean,
+                    )
+                self.write_metrics(record)
+                if progress:
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                else:
+                    self.log(
+                        "step %d: loss %.4f, %.0f tokens/s", self.step, record["loss"], record["tokens_per_s"]
+                    )
+                window_loss.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
+                self.write_metrics({"step": self.step, **self.evaluate()})
+            if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps:
+                self.save()
+            if self.step < t.max_steps and self._stop_requested(stop):
+                return stop.reason
+        return None
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        if not self.dist.distributed:
+            return stop.local()
+        if self.step % self.cfg.trainer.stop_check_interval:
+            return False
+        return stop.agreed(self.device)  # every rank, the same steps: no collective on some ranks only
 
     def sample_text(self, n_tokens: int) -> str:
         """A short demonstration of what the model learnt, in its family's own way."""

@@ -120,3 +120,36 @@ def test_fsdp_encoder_decoder_trains_and_generates(corpus_file, cache_dir, tmp_p
     proc = launch(2, overrides)
     assert "model:" in proc.stderr and "sample:" in proc.stderr
     assert proc.stderr.count("sample:") == 1  # rank 0 alone logs
+
+
+def test_a_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(corpus_file, cache_dir, tmp_path):
+    """SIGUSR1 reaches rank 1 alone; the ranks agree at the next step boundary, save together and exit 0."""
+    import os
+    import signal
+    import time
+
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path) + [
+        "trainer.max_steps=2000",
+        "trainer.num_threads=1",
+        "trainer.sample_tokens=0",
+        "trainer.log_interval=5",
+        "trainer.micro_batch_size=4",
+        "parallel=ddp",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen(
+        cmd + [str(ROOT / "scripts" / "train.py"), *overrides], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    metrics = tmp_path / "decoder-test" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and '"loss"' in metrics.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(sorted(workers, key=int)[-1]), signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads((tmp_path / "decoder-test" / "result.json").read_text())
+    assert result["stopped"] in ("SIGUSR1", "another rank") and result["steps"] < 2000
+    assert (tmp_path / "decoder-test" / f"step-{result['steps']:07d}" / "train_state.pt").is_file()

@@ -1,0 +1,123 @@
+"""What keeps a long run honest: stop requests (signals, a wall-clock limit), non-finite guards, spike notes.
+
+Every decision that changes control flow is agreed by all ranks (an all-reduce), so no rank takes a path the
+others do not, and no collective runs on some ranks only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+
+import torch
+
+from llmtrain.distributed.env import all_reduce_sum
+
+log = logging.getLogger("llmtrain")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm was NaN or infinite; the message names the step."""
+
+
+class StopRequest:
+    """SIGTERM / SIGINT / SIGUSR1 (e.g. SLURM's warning before preemption) or a wall-clock limit ask the run to
+    stop at the next step boundary, after a checkpoint. A second SIGINT exits at once."""
+
+    def __init__(self, time_limit_minutes: float = 0.0):
+        self.reason: str | None = None
+        self.deadline = time.monotonic() + time_limit_minutes * 60 if time_limit_minutes > 0 else None
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is not None and signum == signal.SIGINT:
+            log.error("second SIGINT: exiting now, without a checkpoint")
+            os._exit(130)
+        self.reason = self.reason or name
+        log.warning(
+            "%s received: stopping after this step with a checkpoint (SIGINT again exits at once)", name
+        )
+
+    def local(self) -> bool:
+        if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.reason = "time limit"
+        return self.reason is not None
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank was asked to stop (a collective: call it on all ranks together)."""
+        flag = torch.tensor([1.0 if self.local() else 0.0], device=device)
+        stop = all_reduce_sum(flag).item() > 0
+        if stop and self.reason is None:
+            self.reason = "another rank"
+        return stop
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class NonFiniteGuard:
+    """Checks loss and gradient norm before optimizer.step, on every rank alike (one host sync per step).
+
+    mode "error" stops the run naming the step; "skip" drops the update with a warning, at most max_skips
+    times, then stops. Under fp16 an overflowing gradient is the scaler's business (it skips the step
+    itself), so only the loss is checked there.
+    """
+
+    def __init__(self, mode: str = "error", max_skips: int = 3, check_grad_norm: bool = True):
+        self.mode, self.max_skips, self.check_grad_norm = mode, max_skips, check_grad_norm
+        self.skipped = 0
+
+    def bad(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """True when any rank's loss (or the global gradient norm) is not finite."""
+        flags = [~torch.isfinite(loss.detach().float())]
+        if self.check_grad_norm and grad_norm is not None:
+            flags.append(~torch.isfinite(grad_norm.detach().float()))
+        count = all_reduce_sum(torch.stack(flags).float().sum().reshape(1))
+        return count.item() > 0
+
+    def handle(self, step: int) -> None:
+        """Called when bad(): raise, or count a skip."""
+        if self.mode == "error":
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm at step {step}; the update was not applied. Lower optim.lr, "
+                "check the data, or set trainer.nonfinite=skip to skip such steps"
+            )
+        self.skipped += 1
+        if self.skipped > self.max_skips:
+            raise NonFiniteError(
+                f"non-finite loss or gradient norm at step {step}: more than trainer.max_skips={self.max_skips} "
+                "steps skipped; stopping"
+            )
+        log.warning(
+            "non-finite loss or gradient norm at step %d: update skipped (%d/%d)",
+            step,
+            self.skipped,
+            self.max_skips,
+        )
+
+
+class SpikeDetector:
+    """Notes a logged loss above `factor` times the running mean of the ones before it (0 disables)."""
+
+    def __init__(self, factor: float = 2.0, decay: float = 0.9):
+        self.factor, self.decay = factor, decay
+        self.mean: float | None = None
+
+    def update(self, loss: float) -> bool:
+        spike = bool(
+            self.factor and self.mean is not None and math.isfinite(loss) and loss > self.factor * self.mean
+        )
+        if math.isfinite(loss) and not spike:
+            self.mean = loss if self.mean is None else self.decay * self.mean + (1 - self.decay) * loss
+        return spike

@@ -1,0 +1,261 @@
+"""Fault injection on CPU: preemption signals, kill -9 at any moment, crashes mid-save, NaN losses, bad ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmtrain.config import ConfigError, validate
+from llmtrain.data import Corpus
+from llmtrain.training import checkpoint as checkpoint_module
+from llmtrain.training.checkpoint import (
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_train_state,
+)
+from llmtrain.training.guards import NonFiniteError
+from llmtrain.training.trainer import Trainer
+from tests.conftest import ROOT, tiny_overrides
+
+LONG = ["trainer.max_steps=400", "trainer.log_interval=5", "trainer.sample_tokens=0", "trainer.num_threads=1"]
+
+
+def start_train(overrides: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return max(
+        (json.loads(line).get("step", 0) for line in path.read_text().splitlines() if '"loss"' in line),
+        default=0,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_signal_stops_with_checkpoint_and_resume_matches(corpus_file, cache_dir, tmp_path, sig):
+    base = tiny_overrides(corpus_file, cache_dir, tmp_path, "decoder") + LONG + ["trainer.max_steps=60"]
+    run_dir = tmp_path / "decoder-test"
+    proc = start_train(base)
+    wait_for(lambda: logged_steps(run_dir) >= 10)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["stopped"] == signal.Signals(sig).name and 10 <= result["steps"] < 60
+    assert latest_checkpoint(run_dir).name == f"step-{result['steps']:07d}"
+    # the same command continues from there and ends where an uninterrupted run ends
+    resumed = subprocess.run(
+        [sys.executable, "scripts/train.py", *base], cwd=ROOT, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / latest_checkpoint(run_dir).name}" not in resumed.stderr  # it moved on
+    assert "resumed from" in resumed.stderr
+    straight = subprocess.run(
+        [sys.executable, "scripts/train.py", *base, "run_name=straight"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert straight.returncode == 0
+    finished = json.loads((run_dir / "result.json").read_text())
+    reference = json.loads((tmp_path / "straight" / "result.json").read_text())
+    assert finished["steps"] == 60 and finished["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-5)
+
+
+def test_time_limit_stops_like_a_signal(tiny_config):
+    trainer = Trainer(tiny_config("decoder", "trainer.max_steps=100000", "trainer.time_limit_minutes=0.02"))
+    result = trainer.fit()
+    assert result["stopped"] == "time limit" and result["steps"] < 100000
+    assert latest_checkpoint(trainer.run_dir).name == f"step-{result['steps']:07d}"
+
+
+def test_kill_9_at_any_moment_leaves_a_usable_checkpoint(corpus_file, cache_dir, tmp_path, tiny_config):
+    """Saving every step, the process is killed at several moments (many of them during a save)."""
+    base = tiny_overrides(corpus_file, cache_dir, tmp_path, "decoder") + LONG
+    base += ["trainer.checkpoint_interval=1", "trainer.keep_last_k=2"]
+    run_dir = tmp_path / "decoder-test"
+    for delay in (0.0, 0.13, 0.29, 0.41):
+        proc = start_train(base)
+        before = latest_checkpoint(run_dir)
+        wait_for(lambda before=before: latest_checkpoint(run_dir) not in (None, before))
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        latest = latest_checkpoint(run_dir)
+        state = read_train_state(latest)
+        assert state["step"] == int(latest.name[5:])
+        model = Trainer(tiny_config("decoder", "run_name=probe", "trainer.resume=never")).model
+        load_checkpoint(latest, model)  # loads whole
+        assert len(complete_checkpoints(run_dir)) <= 3  # pruning keeps 2 (+ the one being written)
+    finish = subprocess.run(
+        [sys.executable, "scripts/train.py", *base, "trainer.max_steps=" + str(state["step"] + 3)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert finish.returncode == 0, finish.stderr[-3000:]
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config("decoder", "trainer.max_steps=4", "trainer.sample_tokens=0"))
+    trainer.fit()
+    good = latest_checkpoint(trainer.run_dir)
+    real_save = torch.save
+
+    def crash_on_train_state(obj, path, *a, **k):
+        if isinstance(path, (str, os.PathLike)) and Path(path).name == checkpoint_module.TRAIN_STATE:
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash_on_train_state)
+    trainer.step += 1
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    monkeypatch.undo()
+    assert latest_checkpoint(trainer.run_dir) == good
+    assert list(trainer.run_dir.glob(".step-*.partial"))
+    trainer.save()  # the next save clears the leftover
+    assert not list(trainer.run_dir.glob(".step-*.partial"))
+    assert latest_checkpoint(trainer.run_dir).name == "step-0000005"
+
+
+def test_keep_last_k(tiny_config):
+    trainer = Trainer(
+        tiny_config(
+            "decoder", "trainer.max_steps=6", "trainer.checkpoint_interval=1", "trainer.keep_last_k=2"
+        )
+    )
+    trainer.fit()
+    assert [p.name for p in complete_checkpoints(trainer.run_dir)] == ["step-0000005", "step-0000006"]
+
+
+def nan_at(trainer: Trainer, bad_calls: set[int]) -> None:
+    """Make the training forward return a NaN loss on the given (1-based) calls."""
+    forward, calls = trainer.forward_model, [0]
+
+    def poisoned(**batch):
+        out = forward(**batch)
+        calls[0] += 1
+        if calls[0] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.forward_model = poisoned
+
+
+def test_nan_loss_stops_naming_the_step(tiny_config):
+    trainer = Trainer(tiny_config("decoder", "trainer.max_steps=10", "trainer.checkpoint=false"))
+    nan_at(trainer, {4})
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(NonFiniteError, match="at step 4"):
+        trainer.fit()
+    assert trainer.step == 3  # the bad update was never applied
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_nan_loss_skipped_then_stopped(tiny_config):
+    trainer = Trainer(
+        tiny_config(
+            "decoder",
+            "trainer.max_steps=12",
+            "trainer.nonfinite=skip",
+            "trainer.max_skips=2",
+            "trainer.checkpoint=false",
+        )
+    )
+    nan_at(trainer, {3, 5})
+    result = trainer.fit()  # two skips are allowed
+    assert result["steps"] == 12 and trainer.guard.skipped == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    trainer2 = Trainer(
+        tiny_config("decoder", "trainer.nonfinite=skip", "trainer.max_skips=2", "run_name=again")
+    )
+    nan_at(trainer2, {2, 3, 4})
+    with pytest.raises(NonFiniteError, match="more than trainer.max_skips=2"):
+        trainer2.fit()
+
+
+def test_token_ids_beyond_the_vocabulary_are_named(tiny_config):
+    cfg = tiny_config("decoder")
+    reference = Trainer(cfg)
+    tokens = np.array(reference.corpus.train, dtype=np.uint16)
+    tokens[100] = 60000
+    bad = Corpus(reference.corpus.tokenizer, tokens, reference.corpus.val, reference.corpus.tokenizer_path)
+    with pytest.raises(ConfigError, match="hold id 60000, beyond model.vocab_size=400"):
+        Trainer(tiny_config("decoder", "run_name=bad"), corpus=bad)
+
+
+def test_global_batch_must_divide(tiny_config):
+    with pytest.raises(
+        ConfigError, match=r"trainer.global_batch_size=20 is not divisible by .*micro_batch_size=8"
+    ):
+        validate(tiny_config("decoder", "trainer.global_batch_size=20"))
+    cfg = tiny_config("decoder", "trainer.global_batch_size=32")
+    validate(cfg)
+    assert cfg.trainer.grad_accum_steps == 4
+    with pytest.raises(ConfigError, match="keep_last_k=1"):
+        validate(tiny_config("decoder", "trainer.keep_last_k=1"))
+
+
+def test_corrupt_data_file_is_named(cache_dir, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", *tiny_overrides(bad, cache_dir, tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert any(
+        line.startswith("error:") and str(bad) in line and "could not be read" in line
+        for line in proc.stderr.splitlines()
+    )
+
+
+def test_secrets_never_reach_logs_or_saved_configs(corpus_file, cache_dir, tmp_path):
+    secret = "0123456789abcdef-not-a-real-key-0123456789"
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path) + [
+        "trainer.max_steps=3",
+        "logger.wandb=offline",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_API_KEY": secret},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert secret not in proc.stdout + proc.stderr
+    for path in (tmp_path / "decoder-test").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
