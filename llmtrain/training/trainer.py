@@ -90,6 +90,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds of the given tensors (a sharded DTensor counts its local shard only)."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -209,6 +218,7 @@ class Trainer:
             else:
                 self.scaler = torch.amp.GradScaler("cuda")
         self.step, self.tokens_seen = 0, 0
+        self.grad_bytes: int | None = None
         self.guard = NonFiniteGuard(t.nonfinite, t.max_skips, check_grad_norm=self.precision != "fp16")
         self.spikes = SpikeDetector(t.spike_factor)
 
@@ -308,6 +318,8 @@ class Trainer:
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(self.grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
             self.grad_norm = self.grad_norm.full_tensor()
+        if self.grad_bytes is None:  # measured once, while the gradients exist
+            self.grad_bytes = local_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
         if self.guard.bad(total, self.grad_norm):  # agreed by all ranks: all skip, or none
             self.guard.handle(self.step + 1)
             if self.scaler:
@@ -324,6 +336,17 @@ class Trainer:
         return total
 
     # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer states this rank holds, from the local tensors."""
+        optimizer_tensors = (
+            v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+        )
+        return {
+            "parameters": local_bytes(self.model.parameters()),
+            "gradients": self.grad_bytes or 0,
+            "optimizer": local_bytes(optimizer_tensors),
+        }
 
     def train_state(self) -> dict[str, Any]:
         """What every rank shares; model and optimizer go through DCP beside it."""
@@ -444,6 +467,7 @@ class Trainer:
         self.write_metrics({"step": self.step, **final})
         self.log("step %d: val loss %.4f, bits per byte %.4f", self.step, final["val_loss"], final["val_bpb"])
         result.update(final, train_seconds=time.perf_counter() - start, steps=self.step)
+        result["state_bytes_rank0"] = self.state_bytes()
         if t.checkpoint:
             self.save()
         if t.sample_tokens:  # every rank runs it (FSDP forwards are collective); rank 0 prints

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,12 @@ from llmtrain.training import checkpoint as checkpoint_module
 from llmtrain.training.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
     read_train_state,
 )
 from llmtrain.training.guards import NonFiniteError
 from llmtrain.training.trainer import Trainer
 from tests.conftest import ROOT, tiny_overrides
+from tests.helpers import final_weights, kill_and_resume, wait_for
 
 LONG = ["trainer.max_steps=400", "trainer.log_interval=5", "trainer.sample_tokens=0", "trainer.num_threads=1"]
 
@@ -39,13 +38,6 @@ def start_train(overrides: list[str], env: dict | None = None) -> subprocess.Pop
         text=True,
         env={**os.environ, **(env or {})},
     )
-
-
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -96,31 +88,21 @@ def test_time_limit_stops_like_a_signal(tiny_config):
     assert latest_checkpoint(trainer.run_dir).name == f"step-{result['steps']:07d}"
 
 
-def test_kill_9_at_any_moment_leaves_a_usable_checkpoint(corpus_file, cache_dir, tmp_path, tiny_config):
-    """Saving every step, the process is killed at several moments (many of them during a save)."""
+def test_kill_9_at_five_moments_then_resume_is_bitwise(corpus_file, cache_dir, tmp_path):
+    """SIGKILL at 5 points (one inside a checkpoint save), resuming after each: the final weights equal an
+    uninterrupted run's bit for bit (one fp32 process)."""
     base = tiny_overrides(corpus_file, cache_dir, tmp_path, "decoder") + LONG
-    base += ["trainer.checkpoint_interval=1", "trainer.keep_last_k=2"]
+    base += ["trainer.max_steps=80", "trainer.checkpoint_interval=1", "trainer.keep_last_k=2"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *base]
     run_dir = tmp_path / "decoder-test"
-    for delay in (0.0, 0.13, 0.29, 0.41):
-        proc = start_train(base)
-        before = latest_checkpoint(run_dir)
-        wait_for(lambda before=before: latest_checkpoint(run_dir) not in (None, before))
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        latest = latest_checkpoint(run_dir)
-        state = read_train_state(latest)
-        assert state["step"] == int(latest.name[5:])
-        model = Trainer(tiny_config("decoder", "run_name=probe", "trainer.resume=never")).model
-        load_checkpoint(latest, model)  # loads whole
-        assert len(complete_checkpoints(run_dir)) <= 3  # pruning keeps 2 (+ the one being written)
-    finish = subprocess.run(
-        [sys.executable, "scripts/train.py", *base, "trainer.max_steps=" + str(state["step"] + 3)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert finish.returncode == 0, finish.stderr[-3000:]
+    kill_and_resume(cmd, run_dir, delays=[0.05, 0.21, 0.0, 0.37, 0.12], during_save=2)
+    assert len(complete_checkpoints(run_dir)) <= 2
+    for extra in ([], ["run_name=straight"]):
+        done = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    resumed, straight = final_weights(run_dir), final_weights(tmp_path / "straight")
+    assert read_train_state(latest_checkpoint(run_dir))["step"] == 80
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tiny_config, monkeypatch):

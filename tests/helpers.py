@@ -1,0 +1,64 @@
+"""What several test files read back from a finished run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from llmtrain.models import ModelConfig, build_model
+from llmtrain.training.checkpoint import latest_checkpoint, load_checkpoint, read_train_state
+from tests.conftest import ROOT
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per logged step (run with trainer.log_interval=1 for every step)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's weights, loaded whole into one process (whatever saved them)."""
+    path = latest_checkpoint(run_dir)
+    model = build_model(ModelConfig(**read_train_state(path)["model_config"]))
+    load_checkpoint(path, model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_weight_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def kill_and_resume(launch_cmd: list[str], run_dir: Path, delays: list[float], during_save: int) -> None:
+    """Start the run (it resumes from the newest complete checkpoint), SIGKILL it at each moment in turn;
+    the kill number `during_save` waits for a save in progress first. After every kill, the newest
+    complete checkpoint must load whole."""
+    for i, delay in enumerate(delays):
+        proc = subprocess.Popen(
+            launch_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        before = latest_checkpoint(run_dir)
+        wait_for(lambda before=before: latest_checkpoint(run_dir) not in (None, before))
+        if i == during_save:
+            wait_for(lambda: any(run_dir.glob(".step-*.partial")))
+        else:
+            time.sleep(delay)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+        proc.wait()
+        latest = latest_checkpoint(run_dir)
+        assert read_train_state(latest)["step"] == int(latest.name[5:])
+        final_weights(run_dir)  # loads whole
