@@ -7,12 +7,14 @@ LOCAL_TORCH := $(firstword $(wildcard $(PIP_FIND_LINKS)/torch-*+cpu-*.whl))
 TORCH_SPEC ?= $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch>=2.5)
 PYTEST_ARGS ?=
 
-.PHONY: train test lint format clean help
+.PHONY: train test lint format clean help gpu-check bench
 
 help:
 	@echo "make train   train the default decoder on the Python standard library (CPU, ~5 min)"
 	@echo "make test    run the test suite"
 	@echo "make lint    ruff check + format check"
+	@echo "make bench   throughput and MFU of the training step (ARGS=... passes options)"
+	@echo "make gpu-check  CUDA tests and FSDP/compile benchmarks on a GPU machine"
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,13 @@ lint: $(BIN)/.installed
 format: $(BIN)/.installed
 	$(BIN)/ruff format llmtrain scripts tests
 	$(BIN)/ruff check --fix llmtrain scripts tests
+
+bench: $(BIN)/.installed
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+# On a CUDA machine: CUDA tests + bf16 FSDP/compile benchmarks of the three families (see docs/benchmarks.md).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .cache runs outputs wandb

@@ -49,6 +49,18 @@ class TokenizerConfig:
 
 
 @dataclass
+class MixtureSourceConfig:
+    path: str = ""
+    """A shard directory made by scripts/prepare_data.py."""
+    weight: float = 1.0
+    """Relative share of training windows drawn from this source."""
+    name: str | None = None
+    """Label in logs (default: the directory name)."""
+    max_epochs: float | None = None
+    """Passes over this source before the run stops with an error; null repeats it (with a warning)."""
+
+
+@dataclass
 class DataConfig:
     name: str = "stdlib"
     """A label for the corpus (used in the run name and cache keys)."""
@@ -70,6 +82,10 @@ class DataConfig:
     seq_len: int = 256
     """Tokens per sequence the model sees (the encoder's length for encoder_decoder)."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shards: str | None = None
+    """A prepared shard directory (scripts/prepare_data.py): train from its memory-mapped tokens and tokenizer."""
+    mixture: list[MixtureSourceConfig] = field(default_factory=list)
+    """Prepared shard directories with weights; batches draw windows in these proportions."""
     cache_dir: str = ".cache/llmtrain"
     """Tokenizers and token arrays are cached here, keyed by corpus and settings."""
 
@@ -124,6 +140,10 @@ class TrainerConfig:
     """Log a loss spike when a logged loss exceeds this multiple of the running mean (0: off)."""
     global_batch_size: int | None = None
     """Sequences per optimizer step over all ranks; sets grad_accum_steps = global / (micro x ranks)."""
+    prefetch: int = 2
+    """Batches made ahead in a background thread (0: made in the training step)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for MFU; 0: the datasheet figure of a known GPU, else a matmul probe."""
     num_threads: int = 0
     """torch CPU threads; 0 leaves torch's default."""
     progress: bool = True
@@ -236,10 +256,24 @@ def validate(cfg: TrainConfig) -> None:
             + ", ".join(k for k, v in OBJECTIVE_FAMILY.items() if v == cfg.model.family)
         )
     _one_of("data.source", cfg.data.source, ("stdlib", "files", "hub"))
-    if cfg.data.source == "files" and not cfg.data.paths:
+    prepared = bool(cfg.data.shards or cfg.data.mixture)  # tokens come from shards: the source is not read
+    if cfg.data.source == "files" and not cfg.data.paths and not prepared:
         raise ConfigError("data.paths is empty; data.source=files needs at least one file or glob")
-    if cfg.data.source == "hub" and not cfg.data.hub_name:
+    if cfg.data.source == "hub" and not cfg.data.hub_name and not prepared:
         raise ConfigError("data.hub_name is not set; data.source=hub needs a dataset name")
+    if cfg.data.shards and cfg.data.mixture:
+        raise ConfigError(
+            "data.shards and data.mixture are both set; use one (a mixture of one source is shards)"
+        )
+    for i, source in enumerate(cfg.data.mixture):
+        if not source.path:
+            raise ConfigError(
+                f"data.mixture[{i}].path is empty; give a shard directory made by scripts/prepare_data.py"
+            )
+        if not source.weight >= 0:
+            raise ConfigError(f"data.mixture[{i}].weight={source.weight} must be >= 0")
+    if cfg.data.mixture and not sum(s.weight for s in cfg.data.mixture) > 0:
+        raise ConfigError("data.mixture weights sum to 0; at least one source needs a positive weight")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     _positive("data.seq_len", cfg.data.seq_len)

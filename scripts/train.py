@@ -5,25 +5,18 @@ Under torchrun the same command runs on every rank (the distributed layer slots 
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from llmtrain.cli import setup_logging
 from llmtrain.config import ConfigError, register_configs, to_dataclass, validate
 from llmtrain.data import DataError
+from llmtrain.models import ModelConfigError
 
 register_configs()
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @record
@@ -37,7 +30,7 @@ def main(dict_cfg: DictConfig) -> None:
         from llmtrain.training.trainer import Trainer  # heavy imports after the config is known to be sound
 
         Trainer(cfg, resolved_config=resolved).fit()
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, ModelConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

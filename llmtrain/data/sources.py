@@ -73,6 +73,19 @@ def _read_stdlib() -> Iterator[str]:
             continue  # a handful of test fixtures are deliberately not UTF-8
 
 
+def _unreadable(builder: str, files: list[Path], kwargs: dict) -> Path | None:
+    """The first file that fails to parse on its own (called only after reading them together failed)."""
+    from datasets import load_dataset
+
+    for path in files:
+        try:
+            for _ in load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **kwargs):
+                pass
+        except Exception:
+            return path
+    return None
+
+
 def _read_dataset(cfg: DataConfig) -> Iterator[str]:
     from datasets import load_dataset
 
@@ -97,7 +110,9 @@ def _read_dataset(cfg: DataConfig) -> Iterator[str]:
         except StopIteration:
             return
         except Exception as err:  # pyarrow / json errors of a corrupt file: name the data, not the parser
-            raise DataError(f"{where}: could not be read: {str(err).splitlines()[0][:300]}") from err
+            bad = _unreadable(builder, files, kwargs) if cfg.source == "files" and len(files) > 1 else None
+            culprit = f"data.paths: {bad}" if bad else where
+            raise DataError(f"{culprit}: could not be read: {str(err).splitlines()[0][:300]}") from err
         if cfg.text_field not in record:
             raise DataError(
                 f"{where}: no column {cfg.text_field!r} (data.text_field); columns: {sorted(record)}"

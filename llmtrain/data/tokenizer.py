@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
 BASE_SPECIALS = [PAD, BOS, EOS, UNK, MASK]
@@ -63,13 +63,23 @@ class Tokenizer:
     def token_bytes(self) -> torch.Tensor:
         """UTF-8 bytes each id stands for (0 for special tokens), for bits per byte.
 
-        A byte-level BPE token is a string of byte-alphabet characters, one character per byte.
+        A byte-level BPE token is a string of byte-alphabet characters, one character per byte. A Unigram
+        (Metaspace) token counts its text with "▁" as a space; a WordPiece token its text without "##" (the
+        spaces between words are implied, not tokens, so they are not counted there).
         """
         lengths = torch.zeros(self.vocab_size, dtype=torch.long)
         specials = set(self.special_ids)
+        byte_level = isinstance(self.hf.pre_tokenizer, pre_tokenizers.ByteLevel)
+        wordpiece = isinstance(self.hf.model, models.WordPiece)
         for token, i in self.hf.get_vocab().items():
-            if i not in specials:
+            if i in specials:
+                continue
+            if byte_level:
                 lengths[i] = len(token)
+            elif wordpiece:
+                lengths[i] = len(token.removeprefix("##").encode("utf-8"))
+            else:
+                lengths[i] = len(token.replace("\u2581", " ").encode("utf-8"))
         return lengths
 
     def save(self, path: str | Path) -> None:
@@ -107,6 +117,51 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
+
+
+TOKENIZER_KINDS = ("bpe", "unigram", "wordpiece")
+
+
+def train_tokenizer(
+    texts: Iterable[str], kind: str, vocab_size: int, min_frequency: int = 2, n_sentinels: int = 100
+) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style, lossless), Unigram (SentencePiece style: spaces as "▁", NFC; lossless for NFC
+    text without unknown characters) or WordPiece (BERT style: split on whitespace and punctuation, "##"
+    continuations, NFC, cased; spaces are not kept, so decoding does not restore the text exactly), each with the
+    same special tokens at the same ids (pad=0, bos=1, eos=2, unk=3, mask=4, then the sentinels)."""
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size, min_frequency, n_sentinels)
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer kind {kind!r} is not allowed; allowed: {', '.join(TOKENIZER_KINDS)}")
+    specials = special_tokens(n_sentinels)
+    if vocab_size <= len(specials) + 1:
+        raise ValueError(
+            f"data.tokenizer.vocab_size={vocab_size} is too small: {len(specials)} special tokens need more"
+        )
+    if kind == "unigram":
+        hf = HFTokenizer(models.Unigram())
+        # GPT-2's split (a word with its leading space; whitespace runs on their own), then spaces as "▁":
+        # lossless, and indentation can become one token (plain Metaspace makes every extra space a token)
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r" ?\S+|\s+(?!\S)|\s+"), behavior="isolated"),
+                pre_tokenizers.Metaspace(prepend_scheme="never", split=False),
+            ]
+        )
+        hf.decoder = decoders.Metaspace(prepend_scheme="never", split=False)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token=UNK, show_progress=False
+        )
+    else:
+        hf = HFTokenizer(models.WordPiece(unk_token=UNK))
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
+        )
+    hf.normalizer = normalizers.NFC()
     hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)
 

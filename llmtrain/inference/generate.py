@@ -1,9 +1,60 @@
-"""Sampling from a decoder and greedy decoding of an encoder-decoder (no KV cache yet: short outputs only)."""
+"""Generation for the three families: decoder sampling (KV cache, temperature, top-k, top-p, greedy, stop at
+EOS), encoder-decoder decoding with the encoder run once and its keys/values cached, T5 span filling,
+and encoder fill-mask."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # a type only: generation itself needs nothing but torch
+    from llmtrain.data.tokenizer import Tokenizer
+
+
+def choose_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B, 1) from logits (B, V): greedy when temperature <= 0, else sampled from the softmax
+    at that temperature, restricted to the top_k most likely tokens and to the smallest set whose
+    probability reaches top_p (nucleus sampling, Holtzman et al. 2020)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """FSDP2 gathers the root's parameters in forward() only; decode_step() would see shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _finish(next_id: torch.Tensor, done: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """Rows that already produced EOS keep producing EOS."""
+    if eos_token_id is None:
+        return next_id
+    return next_id.masked_fill(done[:, None], eos_token_id)
 
 
 @torch.no_grad()
@@ -15,35 +66,138 @@ def sample(
     top_k: int | None = 50,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
-    """Append up to max_new_tokens sampled tokens to input_ids (1, T); temperature 0 is greedy."""
+    """input_ids (B, T) of equal-length prompts -> (B, T + n), n <= max_new_tokens; temperature 0 is greedy.
+
+    Stops once every row has produced eos_token_id (finished rows are filled with EOS). With the cache each
+    step feeds one token; without it the whole (last max_seq_len tokens of the) sequence is re-run. When the
+    cache reaches max_seq_len, it is rebuilt from the last half of the context (a sliding window).
+    """
     max_len = model.cfg.max_seq_len
+    use_cache = use_cache and not _is_sharded(model)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    cache, fresh = None, input_ids
     for _ in range(max_new_tokens):
-        logits = model(input_ids[:, -max_len:]).logits[:, -1, :].float()  # (1, V)
-        if temperature <= 0:
-            next_id = logits.argmax(-1, keepdim=True)
+        if use_cache:
+            if cache is None or cache.length + fresh.shape[1] > max_len:
+                # (re)fill the cache: first with the prompt (its last max_len tokens), later the last half
+                keep = min(input_ids.shape[1], max_len) if cache is None else max(max_len // 2, 1)
+                cache, fresh = model.new_cache(), input_ids[:, -keep:]
+            logits = model.decode_step(fresh, cache)[:, -1, :]
         else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-        input_ids = torch.cat([input_ids, next_id], dim=1)
-        if eos_token_id is not None and next_id.item() == eos_token_id:
-            break
+            logits = model(input_ids[:, -max_len:]).logits[:, -1, :]  # (B, V)
+        next_id = _finish(choose_next(logits, temperature, top_k, top_p, generator), done, eos_token_id)
+        input_ids, fresh = torch.cat([input_ids, next_id], dim=1), next_id
+        if eos_token_id is not None:
+            done |= next_id[:, 0] == eos_token_id
+            if done.all():
+                break
     return input_ids
 
 
 @torch.no_grad()
+def generate_seq2seq(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Decoder output (B, <= max_new_tokens) for encoder inputs (B, S); the encoder runs once, and with the
+    cache its keys/values are projected once per decoder block. Greedy by default."""
+    encoded = model.encode(input_ids, attention_mask)  # (B, S, d)
+    B = input_ids.shape[0]
+    out = torch.full((B, 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    cache = model.new_cache() if use_cache else None
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits = model.decode(out[:, -1:], encoded, attention_mask, cache=cache)[:, -1, :]
+        else:
+            logits = model.decode(out, encoded, attention_mask)[:, -1, :]
+        next_id = _finish(choose_next(logits, temperature, top_k, top_p, generator), done, eos_token_id)
+        out = torch.cat([out, next_id], dim=1)
+        if eos_token_id is not None:
+            done |= next_id[:, 0] == eos_token_id
+            if done.all():
+                break
+    return out[:, 1:]
+
+
 def greedy_seq2seq(
     model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
 ) -> torch.Tensor:
-    """Greedy decoder output (1, <= max_new_tokens) for one encoder input (1, S); the encoder runs once."""
-    encoded = model.encode(input_ids)
-    out = torch.full((1, 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        next_id = model.decode(out, encoded)[:, -1, :].argmax(-1, keepdim=True)
-        out = torch.cat([out, next_id], dim=1)
-        if eos_token_id is not None and next_id.item() == eos_token_id:
+    """Greedy decoder output (B, <= max_new_tokens) for encoder inputs (B, S)."""
+    return generate_seq2seq(model, input_ids, max_new_tokens, eos_token_id)
+
+
+# --- span filling and fill-mask ------------------------------------------------------------------------------
+
+
+@dataclass
+class FilledSpans:
+    text: str
+    """The input with each sentinel replaced by the span the model produced for it."""
+    spans: list[str]
+    """The produced span for each sentinel of the input, in order ('' where the model gave none)."""
+
+
+def split_spans(target_ids: list[int], sentinel_ids: list[int], eos_token_id: int) -> dict[int, list[int]]:
+    """A span-corruption target (sentinel, tokens, sentinel, tokens, ..., EOS) -> {sentinel id: tokens}."""
+    spans: dict[int, list[int]] = {}
+    current = None
+    sentinels = set(sentinel_ids)
+    for token in target_ids:
+        if token == eos_token_id:
             break
-    return out[:, 1:]
+        if token in sentinels:
+            current = token
+            spans.setdefault(current, [])
+        elif current is not None:
+            spans[current].append(token)
+    return spans
+
+
+@torch.no_grad()
+def fill_spans(model: nn.Module, tokenizer: Tokenizer, text: str, max_new_tokens: int = 64) -> FilledSpans:
+    """T5 span filling: text with <extra_id_0>, <extra_id_1>, ... markers in, the filled spans out.
+
+    Whitespace right before a marker moves into the span: byte-level BPE words carry their leading space
+    (" brown"), so in training a span starts with it and the text before a sentinel never ends in one.
+    """
+    device = next(model.parameters()).device
+    text = re.sub(r"\s+(<extra_id_\d+>)", r"\1", text)
+    ids = tokenizer.encode(text) + [tokenizer.eos_id]  # the objective's inputs end with EOS too
+    sentinels = set(tokenizer.sentinel_ids)
+    used = [i for i in ids if i in sentinels]
+    if not used:
+        raise ValueError("the text has no sentinel such as <extra_id_0> to fill")
+    out = greedy_seq2seq(model, torch.tensor([ids], device=device), max_new_tokens, tokenizer.eos_id)
+    spans = split_spans(out[0].tolist(), tokenizer.sentinel_ids, tokenizer.eos_id)
+    filled = [t for token in ids[:-1] for t in (spans.get(token, []) if token in used else [token])]
+    return FilledSpans(tokenizer.decode(filled), [tokenizer.decode(spans.get(s, [])) for s in used])
+
+
+@torch.no_grad()
+def fill_mask(
+    model: nn.Module, tokenizer: Tokenizer, text: str, top_k: int = 5
+) -> list[list[tuple[str, float]]]:
+    """For each <mask> in text, the top_k tokens the encoder predicts there with their probabilities."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokenizer.encode(text)], device=device)
+    positions = (ids[0] == tokenizer.mask_id).nonzero().flatten()
+    if len(positions) == 0:
+        raise ValueError("the text has no <mask> to fill")
+    probs = model(ids).logits[0, positions].float().softmax(-1)  # (n_masks, V)
+    best = probs.topk(top_k, dim=-1)
+    return [
+        [(tokenizer.decode([i]), p) for i, p in zip(row_ids.tolist(), row_p.tolist())]
+        for row_ids, row_p in zip(best.indices, best.values)
+    ]

@@ -1,4 +1,4 @@
-"""The one block library every family is built from: norms, attention, MLPs, pre-norm residual blocks."""
+"""The one block library every family is built from: norms, attention, MLPs, residual blocks, stacks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.models.config import ModelConfig
-from llmtrain.models.positions import Rotary
+from llmtrain.models.cache import KVCache, LayerCache
+from llmtrain.models.config import GATED_MLPS, ModelConfig
+from llmtrain.models.positions import RelativePositionBias, Rotary
 
 
 class RMSNorm(nn.Module):
@@ -57,30 +58,57 @@ def padding_to_attn_mask(key_padding: torch.Tensor | None, q_len: int, causal: b
     return mask | torch.eye(q_len, S, dtype=torch.bool, device=key_padding.device)
 
 
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """(q_len, k_len), True = may attend: the q_len queries are the last positions of the k_len keys."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+
 class Attention(nn.Module):
-    """Multi-head attention through scaled_dot_product_attention; self or cross, causal or not, GQA."""
+    """Multi-head attention through scaled_dot_product_attention; self or cross, causal or not, GQA.
+
+    `mask` is None, bool (True = may attend) or float (added to the scores: T5's position bias, with -inf
+    where attention is not allowed). With a `cache`, self-attention appends this call's keys and values to
+    the cached ones (rotary positions continue from there) and cross-attention projects the context once.
+    """
 
     def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False, rotary: Rotary | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.causal, self.cross, self.dropout = causal, cross, cfg.dropout
+        self.scale = cfg.attn_scale  # None: SDPA's 1/sqrt(head_dim)
         self.rotary = None if cross else rotary  # positions are relative within a sequence, not across
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        src = x if context is None else context
-        S = src.shape[1]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+    def project_kv(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = src.shape
         k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        if self.cross and cache is not None:
+            if cache.cross_keys is None:
+                cache.cross_keys, cache.cross_values = self.project_kv(context)
+            k, v = cache.cross_keys, cache.cross_values
+        else:
+            k, v = self.project_kv(x if context is None else context)
+            if self.rotary is not None:
+                q, k = self.rotary(q, k, start=cache.length if cache is not None else 0)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, nkv, past + T, hd)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)
         if self.n_kv_heads != self.n_heads:  # each kv head serves n_heads / n_kv_heads query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -91,28 +119,59 @@ class Attention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and mask is None,
+            scale=self.scale,
         )  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+class Activation(nn.Module):
+    """SiLU, or GELU in its tanh approximation (GPT-2, T5 'gelu_new') or exact erf form (BERT)."""
+
+    def __init__(self, name: str, gelu: str = "tanh"):
+        super().__init__()
+        self.silu = name == "silu"
+        self.approximate = "tanh" if gelu == "tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x) if self.silu else F.gelu(x, approximate=self.approximate)
+
+
 class MLP(nn.Module):
-    """GELU MLP (GPT-2/BERT) or SwiGLU (Shazeer 2020, LLaMA)."""
+    """GELU MLP (GPT-2/BERT), or gated: SwiGLU (Shazeer 2020, LLaMA) or GEGLU (T5 v1.1).
+
+    Gated: down(act(gate(x)) * up(x)); plain: down(act(up(x))).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gated = cfg.mlp == "swiglu"
+        self.gated = cfg.mlp in GATED_MLPS
         self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias) if self.gated else None
         self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
+        self.act = Activation("silu" if cfg.mlp == "swiglu" else "gelu", cfg.gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class HeadTransform(nn.Module):
+    """BERT's MLM head transform: norm(act(dense(h))), applied before the output projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.act = Activation("gelu", cfg.gelu)
+        self.norm = make_norm(cfg)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(h)))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; a decoder block of an encoder-decoder adds a cross-attention sublayer."""
+    """Residual block, pre-norm x + f(norm(x)) or post-norm norm(x + f(x)); a decoder block of an
+    encoder-decoder adds a cross-attention sublayer."""
 
     def __init__(
         self, cfg: ModelConfig, causal: bool, cross_attention: bool = False, rotary: Rotary | None = None
@@ -125,6 +184,7 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.post_norm = cfg.norm_position == "post"
 
     def forward(
         self,
@@ -132,16 +192,28 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), mask=mask))
+        if self.post_norm:
+            x = self.attn_norm(x + self.drop(self.attn(x, mask=mask, cache=cache)))
+            if self.cross_attn is not None:
+                x = self.cross_norm(
+                    x + self.drop(self.cross_attn(x, context=context, mask=context_mask, cache=cache))
+                )
+            return self.mlp_norm(x + self.drop(self.mlp(x)))
+        x = x + self.drop(self.attn(self.attn_norm(x), mask=mask, cache=cache))
         if self.cross_attn is not None:
-            x = x + self.drop(self.cross_attn(self.cross_norm(x), context=context, mask=context_mask))
+            x = x + self.drop(
+                self.cross_attn(self.cross_norm(x), context=context, mask=context_mask, cache=cache)
+            )
         x = x + self.drop(self.mlp(self.mlp_norm(x)))
         return x
 
 
 class Stack(nn.Module):
-    """Token embedding (+ learned positions), n blocks, final norm. Shared by every family."""
+    """Token embedding (+ learned positions, token type 0, embedding norm), n blocks, final norm (pre-norm
+    stacks). Shared by every family. T5's relative position bias lives here, computed once per call and
+    shared by the blocks (HF keeps it in the first block)."""
 
     def __init__(
         self,
@@ -155,15 +227,45 @@ class Stack(nn.Module):
         self.causal = causal
         self.embed = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.token_type_embed = nn.Embedding(cfg.n_token_types, cfg.d_model) if cfg.n_token_types else None
+        self.embed_norm = make_norm(cfg) if cfg.embedding_norm else None
         self.rotary = (
             Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
+        )
+        self.relative_bias = (
+            RelativePositionBias(
+                cfg.n_heads, cfg.relative_buckets, cfg.relative_max_distance, bidirectional=not causal
+            )
+            if cfg.position == "relative"
+            else None
         )
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             Block(cfg, causal=causal, cross_attention=cross_attention, rotary=self.rotary)
             for _ in range(n_layers)
         )
-        self.norm = make_norm(cfg)
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+
+    def self_attention_mask(
+        self, attention_mask: torch.Tensor | None, T: int, past: int | None, device: torch.device
+    ) -> torch.Tensor | None:
+        """None (SDPA's own causal flag, or no mask), bool (B|1, 1, T, past+T) or float with the relative bias.
+
+        past is None without a KV cache, else the number of positions the cache holds before this call.
+        """
+        if past is not None and attention_mask is not None:
+            raise ValueError("attention_mask is not supported with a KV cache; pass equal-length prompts")
+        if past:  # the T queries are the last T of past + T keys
+            mask = causal_mask(T, past + T, device)[None, None] if self.causal else None
+        else:
+            mask = padding_to_attn_mask(attention_mask, T, self.causal)
+        if self.relative_bias is None:
+            return mask
+        past = past or 0
+        if mask is None and self.causal:
+            mask = causal_mask(T, T, device)[None, None]
+        bias = self.relative_bias(T, past + T, past)  # (1, nh, T, past+T)
+        return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
 
     def forward(
         self,
@@ -171,25 +273,43 @@ class Stack(nn.Module):
         attention_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        T = input_ids.shape[1]
+        """With a cache, input_ids continue the cache.length positions it holds (incremental decoding)."""
+        T, device = input_ids.shape[1], input_ids.device
+        past = cache.length if cache is not None else None
         x = self.embed(input_ids)  # (B, T, d)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
+            start = past or 0
+            x = x + self.pos_embed(torch.arange(start, start + T, device=device))
+        if self.token_type_embed is not None:  # single segments: type 0 everywhere
+            x = x + self.token_type_embed.weight[0]
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.drop(x)
-        mask = padding_to_attn_mask(attention_mask, T, self.causal)
+        mask = self.self_attention_mask(attention_mask, T, past, device)
         cross_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
-        for layer in self.layers:
-            x = layer(x, mask=mask, context=context, context_mask=cross_mask)
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = layer(x, mask=mask, context=context, context_mask=cross_mask, cache=layer_cache)
         return self.norm(x)
 
 
 def init_weights(module: nn.Module, cfg: ModelConfig, n_residual_layers: int) -> None:
-    """Normal(0, init_std) for matrices and embeddings; residual outputs scaled by 1/sqrt(2*depth) (GPT-2)."""
+    """Normal(0, init_std) for matrices and embeddings; residual outputs scaled by 1/sqrt(2*depth) (GPT-2).
+
+    With a fixed attn_scale (T5: 1.0) the usual 1/sqrt(head_dim) is folded into the query init instead,
+    so that the scores start with the same spread as in a scaled model (as HF T5's init does).
+    """
     residual_std = cfg.init_std / math.sqrt(2 * n_residual_layers)
+    query_std = cfg.init_std
+    if cfg.attn_scale is not None:
+        query_std = cfg.init_std / math.sqrt(cfg.head_dim) / cfg.attn_scale
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
             std = residual_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+            if name.endswith("q_proj"):
+                std = query_std
             nn.init.normal_(sub.weight, mean=0.0, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)

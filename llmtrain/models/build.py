@@ -18,7 +18,8 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """Build on the meta device (no memory, no init work), materialise on `device`, then init_weights()."""
+    """Build on the meta device (no memory, no init work), materialise on `device`, then init_weights();
+    with cfg.init_from, then copy in the weights of that Hugging Face folder."""
     check_model_config(cfg)
     if cfg.vocab_size <= 0:
         raise ModelConfigError("model.vocab_size must be set (from the tokenizer) before building the model")
@@ -28,6 +29,10 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modu
     model.tie_weights()
     with torch.no_grad():
         model.init_weights()
+    if cfg.init_from:
+        from llmtrain.models.hf import load_hf_weights
+
+        load_hf_weights(model, cfg.init_from)
     return model
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from llmtrain.models.blocks import Stack
+from llmtrain.models.cache import KVCache
 from llmtrain.models.config import ModelConfig
 from llmtrain.models.heads import LanguageModel, ModelOutput, lm_loss
 
@@ -27,8 +28,15 @@ class DecoderLM(LanguageModel):
         attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); labels (B, T) already shifted (labels[t] is the token after input_ids[t])."""
-        logits = self.lm_head(self.decoder(input_ids, attention_mask=attention_mask))  # (B, T, V)
+        logits = self.head(self.decoder(input_ids, attention_mask=attention_mask))  # (B, T, V)
         if labels is None:
             return ModelOutput(logits)
         loss, n = lm_loss(logits, labels)
         return ModelOutput(logits, loss, n)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.decoder.layers))
+
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, V) of input_ids that continue the cache.length positions the cache holds."""
+        return self.head(self.decoder(input_ids, cache=cache))

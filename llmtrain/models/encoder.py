@@ -30,8 +30,8 @@ class EncoderMLM(LanguageModel):
         (about 15% of positions), as ModernBERT does, and logits are (N, V) for those N positions."""
         h = self.encoder(input_ids, attention_mask=attention_mask)  # (B, T, d)
         if labels is None:
-            return ModelOutput(self.lm_head(h))
+            return ModelOutput(self.head(h))
         selected = labels != IGNORE_INDEX
-        logits = self.lm_head(h[selected])  # (N, V)
+        logits = self.head(h[selected])  # (N, V)
         loss, n = lm_loss(logits, labels[selected])
         return ModelOutput(logits, loss, n)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from llmtrain.models.blocks import Stack
+from llmtrain.models.cache import KVCache
 from llmtrain.models.config import ModelConfig
 from llmtrain.models.heads import LanguageModel, ModelOutput, lm_loss
 
@@ -36,14 +37,21 @@ class EncoderDecoderLM(LanguageModel):
         encoded: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """Logits (B, T, V). With a cache (from new_cache), decoder_input_ids continue the positions it
+        holds and the encoder output is projected to keys/values once, on the first call."""
         h = self.decoder(
             decoder_input_ids,
             attention_mask=decoder_attention_mask,
             context=encoded,
             context_mask=attention_mask,
+            cache=cache,
         )
-        return self.lm_head(h)  # (B, T, V)
+        return self.head(h)  # (B, T, V)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.decoder.layers))
 
     def forward(
         self,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.models.blocks import init_weights
+from llmtrain.models.blocks import HeadTransform, init_weights
 from llmtrain.models.config import ModelConfig
 
 IGNORE_INDEX = -100
@@ -40,7 +40,14 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head_transform = HeadTransform(cfg) if cfg.head_transform else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.lm_head_bias)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., d) -> logits (..., V)."""
+        if self.head_transform is not None:
+            h = self.head_transform(h)
+        return self.lm_head(h)
 
     @property
     def token_embedding(self) -> nn.Embedding:

@@ -1,6 +1,9 @@
-"""Position information: learned absolute tables and rotary embeddings (RoFormer, Su et al. 2021)."""
+"""Position information: learned absolute tables, rotary embeddings (RoFormer, Su et al. 2021) and T5's
+bucketed relative position bias (Raffel et al. 2020)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -15,10 +18,10 @@ def rope_tables(
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (B, nh, T, hd) by the angles of positions 0..T-1."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (B, nh, T, hd) by the angles of positions start..start+T-1."""
     T = x.shape[-2]
-    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)  # (T, hd/2)
+    cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)  # (T, hd/2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -38,5 +41,54 @@ class Rotary(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k of positions start..start+T-1 (start > 0 when decoding after a KV cache)."""
+        if start + q.shape[-2] > self.max_seq_len:
+            raise ValueError(
+                f"position {start + q.shape[-2] - 1} is past the rotary table of model.max_seq_len={self.max_seq_len}"
+            )
+        return apply_rope(q, self.cos, self.sin, start), apply_rope(k, self.cos, self.sin, start)
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, n_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each key-minus-query distance: exact buckets for small distances, then log-spaced
+    ones up to max_distance, after which all distances share the last bucket. A bidirectional stack uses
+    half the buckets for keys after the query; a causal one sees only keys at or before it."""
+    bucket = torch.zeros_like(relative_position)
+    if bidirectional:
+        n_buckets //= 2
+        bucket = bucket + (relative_position > 0).long() * n_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = n_buckets // 2
+    # float log as in Mesh TensorFlow and HF, so the buckets (and so the weights' meaning) agree exactly
+    log_bucket = (
+        max_exact
+        + (
+            torch.log(distance.float() / max_exact)
+            / math.log(max_distance / max_exact)
+            * (n_buckets - max_exact)
+        ).long()
+    )
+    log_bucket = log_bucket.clamp(max=n_buckets - 1)
+    return bucket + torch.where(distance < max_exact, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned scalar per (bucket, head), added to every attention score of a stack (T5)."""
+
+    def __init__(self, n_heads: int, n_buckets: int, max_distance: int, bidirectional: bool):
+        super().__init__()
+        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.embed = nn.Embedding(n_buckets, n_heads)
+
+    def forward(self, q_len: int, k_len: int, start: int = 0) -> torch.Tensor:
+        """(1, n_heads, q_len, k_len) for queries at positions start..start+q_len-1 and keys 0..k_len-1."""
+        device = self.embed.weight.device
+        query = torch.arange(start, start + q_len, device=device)[:, None]
+        key = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_position_bucket(key - query, self.bidirectional, self.n_buckets, self.max_distance)
+        return self.embed(buckets).permute(2, 0, 1).unsqueeze(0)

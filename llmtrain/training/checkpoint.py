@@ -9,7 +9,9 @@ have finished, so a crash mid-save leaves the previous one usable.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -32,6 +35,55 @@ STEP_DIR = re.compile(r"^step-(\d{7})$")
 TRAIN_STATE = "train_state.pt"
 ZERO1_OPTIMIZER = "optimizer_zero1.pt"
 DCP_METADATA = ".metadata"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP writes its .metadata with pickle; this reads it allowing only DCP's own metadata types, so a
+    tampered file cannot run code (the weights_only=True rule, applied to DCP)."""
+
+    SAFE = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (
+            module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+            or (module, name) in self.SAFE
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which a checkpoint never holds"
+        )
+
+
+class SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / DCP_METADATA
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"checkpoint {self.path}: {DCP_METADATA} is damaged or not a checkpoint's ({err})"
+            ) from None
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor items (optimizer hyper-parameters) are read with weights_only=True too."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)  # plain data only, or an error
+        safe = io.BytesIO()
+        torch.save(obj, safe)  # what the default planner then reads back is what we just checked
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -159,7 +211,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state = _sharded_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+        except (Exception, CheckpointException) as err:  # DCP wraps each rank's failure: keep the reason
+            reasons = [line for line in str(err).splitlines() if "checkpoint " in line or "Error" in line]
+            raise ValueError(
+                f"checkpoint {path} could not be loaded: {(reasons or [str(err)])[-1][:400]}"
+            ) from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,10 +18,16 @@ import numpy as np
 import torch
 
 from llmtrain.config import ConfigError, TrainConfig, resolve_batch
-from llmtrain.data import Corpus, Tokenizer, WindowLoader, prepare_corpus
+from llmtrain.data import Corpus, Tokenizer
+from llmtrain.data.mixture import build_loaders, load_corpus
+from llmtrain.data.prefetch import Prefetcher
 from llmtrain.distributed.env import DistInfo, all_reduce_sum, barrier, init_distributed
 from llmtrain.distributed.parallelize import parallelize
 from llmtrain.inference.generate import greedy_seq2seq, sample
+from llmtrain.measure.flops import forward_flops, measure_matmul_peak
+from llmtrain.measure.hardware import accelerator_of_device
+from llmtrain.measure.memory import measured_peak_bytes
+from llmtrain.measure.shapes import lengths_for
 from llmtrain.models import build_model, count_parameters
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
 from llmtrain.training.checkpoint import (
@@ -163,7 +170,7 @@ class Trainer:
 
         if corpus is None and not self.dist.is_main:
             barrier()  # rank 0 tokenizes and caches first; the others then read its cache
-        self.corpus = corpus or prepare_corpus(cfg.data)
+        self.corpus = corpus or load_corpus(cfg.data)  # data.shards, data.mixture, or tokenised here
         if corpus is None and self.dist.is_main:
             barrier()
         tok = self.corpus.tokenizer
@@ -187,20 +194,19 @@ class Trainer:
         self.token_bytes = tok.token_bytes().to(self.device)
 
         raw, batch = self.objective.raw_length, t.micro_batch_size
-        self.train_loader = WindowLoader(self.corpus.train, raw, batch, cfg.seed, rank=rank, world_size=world)
-        self.val_loader = WindowLoader(
-            self.corpus.val,
-            raw,
-            batch,
-            cfg.seed,
-            shuffle=False,
-            rank=rank,
-            world_size=world,
-            name="validation",
-        )
+        pipeline = build_loaders(cfg.data, raw, batch, cfg.seed, rank, world, corpus=self.corpus)
+        self.train_loader, self.val_loader = pipeline.train_loader, pipeline.val_loader
         # an eval batch is a global batch (micro x accumulation x ranks), so every layout evaluates the same windows
         self.eval_micro_batches = min(t.eval_batches * t.grad_accum_steps, self.val_loader.batches_per_epoch)
         self.objective_rng = torch.Generator().manual_seed(cfg.seed + rank)  # each rank masks its own windows
+        # windows -> objective -> (pinned) batch, made ahead in a background thread
+        self.batches = Prefetcher(
+            self.train_loader,
+            self.objective,
+            self.objective_rng,
+            t.prefetch,
+            pin_memory=self.device.type == "cuda",
+        )
 
         self.model = build_model(cfg.model, self.device)
         # the module to call in training (DDP wraps; FSDP shards self.model in place)
@@ -219,6 +225,9 @@ class Trainer:
                 self.scaler = torch.amp.GradScaler("cuda")
         self.step, self.tokens_seen = 0, 0
         self.grad_bytes: int | None = None
+        sequences = t.micro_batch_size * t.grad_accum_steps * world
+        self.flops_per_step = forward_flops(cfg.model, lengths_for(cfg)).training * sequences  # all ranks
+        self._peak_flops: float | None = None
         self.guard = NonFiniteGuard(t.nonfinite, t.max_skips, check_grad_norm=self.precision != "fp16")
         self.spikes = SpikeDetector(t.spike_factor)
 
@@ -227,6 +236,8 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
+            if Path(self.corpus.tokenizer_path).is_file():  # export, generate and evaluate find it there
+                shutil.copyfile(self.corpus.tokenizer_path, self.run_dir / "tokenizer.json")
         barrier()
         resumed = self._resume()
         self.metrics = (
@@ -261,7 +272,8 @@ class Trainer:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pin = self.device.type == "cuda"
         return {
-            k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in batch.items()
+            k: (v.pin_memory() if pin and not v.is_pinned() else v).to(self.device, non_blocking=True)
+            for k, v in batch.items()
         }
 
     @property
@@ -306,7 +318,7 @@ class Trainer:
         accum = self.cfg.trainer.grad_accum_steps
         total = torch.zeros((), device=self.device)
         for micro_step in range(accum):
-            batch = self.to_device(self.objective(self.train_loader.next_batch(), self.objective_rng))
+            batch = self.to_device(self.batches.next())
             with self.gradient_sync(micro_step == accum - 1):
                 with self.autocast():
                     loss = self.forward_model(**batch).loss / accum
@@ -337,6 +349,26 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 
+    @property
+    def peak_flops(self) -> float:
+        """Peak FLOP/s of one device for MFU: configured, else the datasheet of a known GPU, else a probe."""
+        if self._peak_flops is None:
+            dtype = {"bf16": "bf16", "fp16": "fp16"}.get(self.precision, "fp32")
+            known = (
+                accelerator_of_device(torch.cuda.get_device_name(self.device))
+                if self.device.type == "cuda"
+                else None
+            )
+            if self.cfg.trainer.peak_tflops:
+                self._peak_flops = self.cfg.trainer.peak_tflops * 1e12
+            elif known is not None:
+                tf32 = dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32
+                self._peak_flops = known.peak_flops("tf32" if tf32 else dtype)
+            else:
+                probe_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+                self._peak_flops = measure_matmul_peak(probe_dtype, self.device, seconds=0.1)
+        return self._peak_flops
+
     def state_bytes(self) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer states this rank holds, from the local tensors."""
         optimizer_tensors = (
@@ -355,13 +387,13 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "loader": self.train_loader.state_dict(),
+            "loader": self.batches.state_dict()["loader"],  # after the last batch consumed, not prefetched
             "model_config": dataclasses.asdict(self.cfg.model),
             "world_size": self.dist.world_size,
         }
 
     def rank_state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "objective": self.objective_rng.get_state()}
+        rng = {"torch": torch.get_rng_state(), "objective": self.batches.state_dict()["rng"]}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
@@ -412,6 +444,9 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         else:  # another world size: fresh, still deterministic, streams
             self.objective_rng.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+        self.batches.load_state_dict(
+            {"loader": self.train_loader.state_dict(), "rng": self.objective_rng.get_state()}
+        )
         self.log("resumed from %s (step %d, saved by %d rank(s))", path, self.step, state["world_size"])
         if self.step >= self.cfg.trainer.max_steps:
             log.warning(
@@ -450,6 +485,7 @@ class Trainer:
             stopped = self._loop(stop, progress)
         finally:
             stop.restore()
+            self.batches.close()
             if progress:
                 progress.close()
         if stopped:
@@ -497,7 +533,16 @@ class Trainer:
                     "grad_norm": float(self.grad_norm),
                     "tokens": self.tokens_seen,
                     "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
+                    "tflops_per_device": window_steps
+                    * self.flops_per_step
+                    / elapsed
+                    / self.dist.world_size
+                    / 1e12,
+                    "peak_memory_gib": measured_peak_bytes(self.device) / 2**30,
                 }
+                record["mfu"] = record["tflops_per_device"] * 1e12 / self.peak_flops
+                if hasattr(self.train_loader, "proportions"):  # a mixture: the shares realised so far
+                    record.update({f"data/{k}": v for k, v in self.train_loader.proportions().items()})
                 if self.spikes.update(record["loss"]):
                     record["loss_spike"] = True
                     self.log(
@@ -508,11 +553,17 @@ class Trainer:
                     )
                 self.write_metrics(record)
                 if progress:
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                        mfu=f"{record['mfu']:.1%}",
+                    )
                 else:
                     self.log(
-                        "step %d: loss %.4f, %.0f tokens/s", self.step, record["loss"], record["tokens_per_s"]
-                    )
+                        "step %d: loss %.4f, %.0f tokens/s, %.3f TFLOP/s per device, MFU %.1f%%, peak memory %.2f GiB",
+                        self.step, record["loss"], record["tokens_per_s"], record["tflops_per_device"],
+                        100 * record["mfu"], record["peak_memory_gib"],
+                    )  # fmt: skip
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:

@@ -19,6 +19,7 @@ from llmtrain.training import checkpoint as checkpoint_module
 from llmtrain.training.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
+    load_checkpoint,
     read_train_state,
 )
 from llmtrain.training.guards import NonFiniteError
@@ -241,3 +242,37 @@ def test_secrets_never_reach_logs_or_saved_configs(corpus_file, cache_dir, tmp_p
     for path in (tmp_path / "decoder-test").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+class _Payload:
+    """What a tampered checkpoint would smuggle in: code that runs when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_tampered_or_truncated_checkpoint_is_refused_clearly(tiny_config, tmp_path):
+    import pickle
+    import shutil
+
+    trainer = Trainer(tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0"))
+    trainer.fit()
+    good = latest_checkpoint(trainer.run_dir)
+    marker = tmp_path / "code-ran"
+
+    tampered = shutil.copytree(good, tmp_path / "tampered")
+    (tampered / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(
+        ValueError, match=r"could not be loaded: .*\.metadata is damaged or not a checkpoint's"
+    ):
+        load_checkpoint(tampered, trainer.model, trainer.optimizer)
+    assert not marker.exists()
+
+    truncated = shutil.copytree(good, tmp_path / "truncated")
+    data = next(truncated.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"checkpoint {truncated} could not be loaded"):
+        load_checkpoint(truncated, trainer.model, trainer.optimizer)

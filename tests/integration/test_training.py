@@ -143,3 +143,26 @@ def test_activation_checkpointing_matches_plain(tiny_config):
     )
     assert all("Checkpoint" in type(block).__name__ for block in ckpt.model.encoder.layers)
     assert ckpt.fit()["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-5)
+
+
+def test_throughput_metrics_are_logged_consistently(tiny_config):
+    """Every log line carries tokens/s, TFLOP/s per device from the model's FLOPs, MFU and peak memory."""
+    from llmtrain.measure.flops import training_flops_per_token
+    from llmtrain.measure.shapes import lengths_for
+
+    trainer = Trainer(tiny_config("encoder_decoder", "trainer.max_steps=6", "trainer.log_interval=3"))
+    trainer.fit()
+    records = [
+        r
+        for r in map(json.loads, (trainer.run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    lengths = lengths_for(trainer.cfg)
+    per_token = training_flops_per_token(
+        trainer.cfg.model, lengths
+    )  # per corpus token (568-style raw windows)
+    for r in records:
+        corpus_tokens_per_s = r["tokens_per_s"] * lengths.corpus / lengths.inputs
+        assert r["tflops_per_device"] * 1e12 == pytest.approx(corpus_tokens_per_s * per_token, rel=1e-6)
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / trainer.peak_flops, rel=1e-9)
+        assert 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0.05

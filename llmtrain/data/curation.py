@@ -1,0 +1,1008 @@
+"""Curation: normalise -> quality filters -> exact and near deduplication, with a report of what went where.
+
+The rules are the published ones (Gopher's quality and repetition rules, Rae et al. 2021, table A1; C4's line
+rules, Raffel et al. 2020; StarCoder's character rules for code), each family switchable and each threshold
+nullable. Two implementations of the filters sit behind `curation.backend`:
+
+- `fast` (default): the same rules on numpy arrays of each document's characters and word hashes (`TextView`,
+  built once per document, no Python loop over words); about 25x the speed of the datatrove backend on prose
+  (3.9 against 0.14 MB per CPU-second for web curation, measured here).
+- `datatrove`: Hugging Face datatrove's own GopherRepetitionFilter / GopherQualityFilter / C4QualityFilter
+  (FineWeb's code, `pip install llmtrain[curation]`) with the same thresholds and its spaCy word splitting,
+  and its MinHash shingling. A test checks that both backends keep and remove the same crafted documents.
+
+Words, in the fast backend, are runs of letters and digits; "tokens" are whitespace-separated. Deliberate
+departures from C4's code: a line is stripped again after its citation markers are removed (C4 drops
+"A fact. [1]" because it then ends in a space).
+
+Near-duplicates: MinHash signatures of word n-grams; an LSH index (bands x rows chosen for the configured Jaccard
+threshold) proposes earlier documents sharing a band, and a candidate counts as a duplicate when the signatures
+agree on at least `threshold` of their values (the MinHash estimate of Jaccard similarity). The first of a
+duplicate group is kept, so the outcome depends only on document order, which the pipeline keeps fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+# -- configuration ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class NormalizeConfig:
+    enabled: bool = True
+    unicode_form: str | None = "NFC"
+    """NFC | NFKC | null: Unicode normal form applied to every document."""
+    remove_control_chars: bool = True
+    """Drop C0 control characters other than tab and newline, and DEL; CRLF / CR become LF."""
+    strip_trailing_whitespace: bool = True
+    """Remove spaces and tabs at the end of every line."""
+    max_blank_lines: int | None = 2
+    """Collapse longer runs of blank lines to this many (null: keep them)."""
+
+
+@dataclass
+class LengthConfig:
+    enabled: bool = True
+    min_chars: int | None = 1
+    max_chars: int | None = None
+
+
+@dataclass
+class CharactersConfig:
+    """Character-level rules (StarCoder's filters for code): non-alphanumeric ratio and line lengths."""
+
+    enabled: bool = False
+    min_alphanumeric_fraction: float | None = 0.25
+    """Remove documents whose non-whitespace characters are less than this fraction letters or digits."""
+    max_line_length: int | None = 1000
+    max_mean_line_length: float | None = 100.0
+
+
+@dataclass
+class GopherQualityConfig:
+    """Gopher's quality rules (table A1). Words: runs of letters/digits; tokens: whitespace-separated."""
+
+    enabled: bool = True
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    max_symbol_word_ratio: float | None = 0.1
+    """'#' and ellipses ('...', '…'), each counted per whitespace token."""
+    max_bullet_lines_fraction: float | None = 0.9
+    max_ellipsis_lines_fraction: float | None = 0.3
+    min_alpha_words_fraction: float | None = 0.8
+    """Fraction of whitespace tokens containing at least one letter."""
+    min_stop_words: int | None = 2
+    """Distinct English stop words (the, be, to, of, and, that, have, with) the document must contain."""
+
+
+@dataclass
+class GopherRepetitionConfig:
+    """Gopher's repetition rules (table A1). Character fractions count characters of words."""
+
+    enabled: bool = True
+    max_duplicate_line_fraction: float | None = 0.3
+    max_duplicate_paragraph_fraction: float | None = 0.3
+    max_duplicate_line_char_fraction: float | None = 0.2
+    max_duplicate_paragraph_char_fraction: float | None = 0.2
+    max_top_ngram_char_fraction: dict[int, float] = field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    """n -> limit on the characters covered by the most frequent n-gram (all its occurrences)."""
+    max_duplicate_ngram_char_fraction: dict[int, float] = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
+    """n -> limit on the characters covered by repeated occurrences of any n-gram."""
+
+
+@dataclass
+class C4Config:
+    """C4's rules: lines are dropped (the document is kept with the rest), documents are dropped."""
+
+    enabled: bool = True
+    require_terminal_punctuation: bool = True
+    """Keep only lines ending in . ! ? or a quote (and not in '...')."""
+    min_words_per_line: int | None = 3
+    max_word_length: int | None = 1000
+    """Drop lines holding a word longer than this."""
+    remove_javascript_lines: bool = True
+    remove_policy_lines: bool = True
+    """Drop lines mentioning cookies, terms of use, privacy policy."""
+    remove_citations: bool = True
+    """Delete Wikipedia-style [1], [edit], [citation needed] markers."""
+    min_sentences: int | None = 5
+    """Drop documents with fewer sentences left after line filtering."""
+    drop_lorem_ipsum: bool = True
+    drop_curly_bracket: bool = True
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    """Remove documents whose normalised text is byte-identical to an earlier one."""
+    near: bool = True
+    """Remove documents whose MinHash Jaccard estimate with an earlier one reaches `threshold`."""
+    threshold: float = 0.8
+    """Jaccard similarity (of word n-gram sets) at which two documents count as near-duplicates."""
+    num_perm: int = 128
+    """MinHash permutations; the LSH bands x rows are chosen from these and the threshold."""
+    ngram: int = 5
+    """Words per shingle."""
+    seed: int = 1
+
+
+@dataclass
+class CurationConfig:
+    backend: str = "fast"
+    """fast (regex + numpy) | datatrove (datatrove's filters and MinHash signatures, spaCy word splitting)."""
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    length: LengthConfig = field(default_factory=LengthConfig)
+    characters: CharactersConfig = field(default_factory=CharactersConfig)
+    gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
+    gopher_quality: GopherQualityConfig = field(default_factory=GopherQualityConfig)
+    c4: C4Config = field(default_factory=C4Config)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+
+
+def web_curation() -> CurationConfig:
+    """FineWeb-style: Gopher repetition and quality, C4 lines, exact and near dedup (the defaults)."""
+    return CurationConfig()
+
+
+def code_curation() -> CurationConfig:
+    """Source code: length and StarCoder's character rules, exact and near dedup; no prose rules."""
+    return CurationConfig(
+        length=LengthConfig(min_chars=100, max_chars=1_000_000),
+        characters=CharactersConfig(enabled=True),
+        gopher_repetition=GopherRepetitionConfig(enabled=False),
+        gopher_quality=GopherQualityConfig(enabled=False),
+        c4=C4Config(enabled=False),
+    )
+
+
+def minimal_curation() -> CurationConfig:
+    """Normalisation and exact dedup only: the text as it came, minus copies."""
+    return CurationConfig(
+        gopher_repetition=GopherRepetitionConfig(enabled=False),
+        gopher_quality=GopherQualityConfig(enabled=False),
+        c4=C4Config(enabled=False),
+        dedup=DedupConfig(near=False),
+    )
+
+
+PRESETS = {"web": web_curation, "code": code_curation, "minimal": minimal_curation}
+FILTER_STAGES = ("length", "characters", "gopher_repetition", "gopher_quality", "c4")
+"""Filter families in the order they run (FineWeb's order for the Gopher and C4 rules)."""
+
+
+class CurationError(ValueError):
+    """A curation setting that cannot work; the message names it."""
+
+
+def check_curation_config(cfg: CurationConfig, prefix: str = "curation") -> None:
+    if cfg.backend not in ("fast", "datatrove"):
+        raise CurationError(f"{prefix}.backend={cfg.backend!r} is not allowed; allowed: fast, datatrove")
+    if cfg.normalize.unicode_form not in (None, "NFC", "NFKC", "NFD", "NFKD"):
+        raise CurationError(
+            f"{prefix}.normalize.unicode_form={cfg.normalize.unicode_form!r}; allowed: NFC, NFKC, null"
+        )
+    d = cfg.dedup
+    if not 0 < d.threshold <= 1:
+        raise CurationError(f"{prefix}.dedup.threshold={d.threshold} must be in (0, 1]")
+    if d.num_perm < 2 or d.ngram < 1:
+        raise CurationError(
+            f"{prefix}.dedup.num_perm={d.num_perm} must be >= 2 and dedup.ngram={d.ngram} >= 1"
+        )
+
+
+# -- normalisation ----------------------------------------------------------------------------------------
+
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+TRAILING_SPACE = re.compile(r"[ \t]+(?=\n|\Z)")
+
+
+def normalize(text: str, cfg: NormalizeConfig) -> str:
+    if not cfg.enabled:
+        return text
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if cfg.remove_control_chars:
+        text = CONTROL.sub("", text)
+    if cfg.unicode_form and not unicodedata.is_normalized(cfg.unicode_form, text):
+        text = unicodedata.normalize(cfg.unicode_form, text)
+    if cfg.strip_trailing_whitespace and (" \n" in text or "\t\n" in text or text.endswith((" ", "\t"))):
+        text = TRAILING_SPACE.sub("", text)  # (the substring tests first: much cheaper than the regex scan)
+    if cfg.max_blank_lines is not None:
+        runs = cfg.max_blank_lines + 1  # k blank lines = k + 1 newlines in a row
+        text = re.sub("\n" * runs + "\n+", "\n" * runs, text)
+    return text.strip("\n")
+
+
+# -- the filters (fast backend) ---------------------------------------------------------------------------
+# Each returns None to keep the document, or the name of the rule that removes it ("family.setting", so the
+# report names the setting to change). C4 may also return a shortened text.
+
+STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
+PARAGRAPH_BREAK = re.compile(r"\n{2,}")
+LINE_BREAKS = re.compile(r"\n+")
+WORD = re.compile(r"[^\W_]+")
+"""A word: a run of letters and digits (what TextView finds, for code that wants the strings)."""
+
+_ASCII = [chr(c) for c in range(128)]
+_ASCII_CLASSES = {
+    name: np.array([test(c) for c in _ASCII] + [False])  # index 128 stands for every non-ASCII character
+    for name, test in (("alnum", str.isalnum), ("alpha", str.isalpha), ("space", str.isspace))
+}
+_POLY = np.uint64(0x100000001B3)  # odd: invertible modulo 2**64
+_powers = np.ones(1, dtype=np.uint64)
+_inverse_powers = np.ones(1, dtype=np.uint64)
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P**i and P**-i modulo 2**64 for i < n (grown on demand, kept for the process)."""
+    global _powers, _inverse_powers
+    if len(_powers) < n:
+        size = max(n, 2 * len(_powers))
+        inverse = np.uint64(pow(int(_POLY), -1, 2**64))
+        with np.errstate(over="ignore"):  # wrapping modulo 2**64 is the point
+            _powers = np.cumprod(np.concatenate([[np.uint64(1)], np.full(size - 1, _POLY)]), dtype=np.uint64)
+            _inverse_powers = np.cumprod(
+                np.concatenate([[np.uint64(1)], np.full(size - 1, inverse)]), dtype=np.uint64
+            )
+    return _powers[:n], _inverse_powers[:n]
+
+
+class TextView:
+    """One document's characters as numpy arrays: character classes, words (runs of letters and digits) with
+    their lengths and 64-bit hashes (case-insensitive, the same in every process), whitespace tokens. Computed
+    once per document and shared by the filters and MinHash, with no Python loop over characters or words."""
+
+    def __init__(self, text: str):
+        self.text = text
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        index = np.minimum(codes, 128)
+        self.alnum, self.alpha, self.space = (_ASCII_CLASSES[k][index] for k in ("alnum", "alpha", "space"))
+        lower = codes + ((codes >= 65) & (codes <= 90)) * np.uint32(32)
+        high = np.flatnonzero(codes >= 128)
+        if len(high):
+            unique, inverse = np.unique(codes[high], return_inverse=True)
+            chars = [chr(c) for c in unique.tolist()]
+            for name in ("alnum", "alpha", "space"):
+                test = getattr(str, f"is{name}")
+                getattr(self, name)[high] = np.array([test(c) for c in chars])[inverse]
+            lowered = [c.lower() for c in chars]
+            lower[high] = np.array([ord(x) if len(x) == 1 else ord(c) for x, c in zip(lowered, chars)])[
+                inverse
+            ]
+        edges = np.diff(self.alnum.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+        self.word_starts = np.flatnonzero(edges == 1)
+        self.word_lengths = np.flatnonzero(edges == -1) - self.word_starts
+        self._lower = lower
+        self._hashes: np.ndarray | None = None
+
+    @property
+    def n_words(self) -> int:
+        return len(self.word_starts)
+
+    @property
+    def word_hashes(self) -> np.ndarray:
+        """uint64 per word: sum of its lower-cased code points times P**position, position from the word's start."""
+        if self._hashes is None:
+            n = len(self._lower)
+            powers, inverse = _power_tables(n + 1)
+            prefix = np.zeros(n + 1, dtype=np.uint64)
+            np.cumsum(self._lower.astype(np.uint64) * powers[:n], out=prefix[1:])
+            starts, ends = self.word_starts, self.word_starts + self.word_lengths
+            self._hashes = (prefix[ends] - prefix[starts]) * inverse[starts]
+        return self._hashes
+
+    def tokens(self) -> tuple[int, int]:
+        """(whitespace-separated tokens, tokens holding at least one letter)."""
+        visible = ~self.space
+        starts = visible & ~np.concatenate([[False], visible[:-1]])
+        n_tokens = int(np.count_nonzero(starts))
+        token_of = np.cumsum(starts)  # 1-based token number of each character
+        letter_tokens = np.unique(token_of[self.alpha]).size
+        return n_tokens, letter_tokens
+
+
+def word_hash(word: str) -> int:
+    """The hash TextView gives `word` (lower-case it first)."""
+    return int(TextView(word.lower()).word_hashes[0])
+
+
+STOP_WORD_HASHES = np.array([word_hash(w) for w in STOP_WORDS], dtype=np.uint64)
+
+
+def length_rule(text: str, cfg: LengthConfig) -> str | None:
+    if cfg.min_chars is not None and len(text) < cfg.min_chars:
+        return "length.min_chars"
+    if cfg.max_chars is not None and len(text) > cfg.max_chars:
+        return "length.max_chars"
+    return None
+
+
+def characters_rule(text: str, cfg: CharactersConfig, view: TextView | None = None) -> str | None:
+    if cfg.min_alphanumeric_fraction is not None:
+        view = view or TextView(text)
+        visible = len(text) - int(np.count_nonzero(view.space))
+        if visible == 0 or int(np.count_nonzero(view.alnum)) / visible < cfg.min_alphanumeric_fraction:
+            return "characters.min_alphanumeric_fraction"
+    if cfg.max_line_length is not None or cfg.max_mean_line_length is not None:
+        lines = text.split("\n")
+        if cfg.max_line_length is not None and max(map(len, lines)) > cfg.max_line_length:
+            return "characters.max_line_length"
+        if (
+            cfg.max_mean_line_length is not None
+            and (len(text) - len(lines) + 1) / len(lines) > cfg.max_mean_line_length
+        ):
+            return "characters.max_mean_line_length"
+    return None
+
+
+def gopher_quality_rule(text: str, cfg: GopherQualityConfig, view: TextView | None = None) -> str | None:
+    view = view or TextView(text)
+    n_words = view.n_words
+    if cfg.min_words is not None and n_words < cfg.min_words:
+        return "gopher_quality.min_words"
+    if cfg.max_words is not None and n_words > cfg.max_words:
+        return "gopher_quality.max_words"
+    if n_words == 0:
+        return "gopher_quality.min_words"
+    mean_length = int(view.word_lengths.sum()) / n_words
+    if cfg.min_mean_word_length is not None and mean_length < cfg.min_mean_word_length:
+        return "gopher_quality.min_mean_word_length"
+    if cfg.max_mean_word_length is not None and mean_length > cfg.max_mean_word_length:
+        return "gopher_quality.max_mean_word_length"
+    n_tokens, letter_tokens = view.tokens()
+    if cfg.max_symbol_word_ratio is not None:
+        if text.count("#") / n_tokens > cfg.max_symbol_word_ratio:
+            return "gopher_quality.max_symbol_word_ratio"
+        if (text.count("...") + text.count("…")) / n_tokens > cfg.max_symbol_word_ratio:
+            return "gopher_quality.max_symbol_word_ratio"
+    if cfg.max_bullet_lines_fraction is not None or cfg.max_ellipsis_lines_fraction is not None:
+        lines = text.split("\n")
+        if cfg.max_bullet_lines_fraction is not None:
+            bullets = sum(1 for line in lines if line.lstrip().startswith(("•", "-")))
+            if bullets / len(lines) > cfg.max_bullet_lines_fraction:
+                return "gopher_quality.max_bullet_lines_fraction"
+        if cfg.max_ellipsis_lines_fraction is not None:
+            ellipses = sum(1 for line in lines if line.rstrip().endswith(("...", "…")))
+            if ellipses / len(lines) > cfg.max_ellipsis_lines_fraction:
+                return "gopher_quality.max_ellipsis_lines_fraction"
+    if cfg.min_alpha_words_fraction is not None and letter_tokens / n_tokens < cfg.min_alpha_words_fraction:
+        return "gopher_quality.min_alpha_words_fraction"
+    if cfg.min_stop_words is not None:
+        present = np.unique(view.word_hashes[np.isin(view.word_hashes, STOP_WORD_HASHES)]).size
+        if present < cfg.min_stop_words:
+            return "gopher_quality.min_stop_words"
+    return None
+
+
+def _duplicate_counts(parts: list[str]) -> tuple[int, int]:
+    """Elements that repeat an earlier one, and their characters."""
+    seen: set[str] = set()
+    count = chars = 0
+    for part in parts:
+        if part in seen:
+            count += 1
+            chars += len(part)
+        else:
+            seen.add(part)
+    return count, chars
+
+
+_GRAM_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit hash per n-gram starting position: h_n[i] = h_(n-1)[i] * M + word[i + n - 1] (wrapping)."""
+    return _NGrams(word_ids).of(n)
+
+
+class _NGrams:
+    """n-gram hashes for growing n, each from the previous one (one pass per n)."""
+
+    def __init__(self, word_ids: np.ndarray):
+        self.ids, self.n, self.hashes = word_ids, 1, word_ids
+
+    def of(self, n: int) -> np.ndarray:
+        if n < self.n:
+            self.n, self.hashes = 1, self.ids
+        while self.n < n:
+            self.hashes = self.hashes[:-1] * _GRAM_MIX + self.ids[self.n :]
+            self.n += 1
+        return self.hashes
+
+
+def _first_occurrence(hashes: np.ndarray) -> np.ndarray:
+    mask = np.zeros(len(hashes), dtype=bool)
+    mask[np.unique(hashes, return_index=True)[1]] = True
+    return mask
+
+
+def gopher_repetition_rule(
+    text: str, cfg: GopherRepetitionConfig, view: TextView | None = None
+) -> str | None:
+    stripped = text.strip()
+    if not stripped:
+        return "gopher_repetition.empty"
+    paragraphs = PARAGRAPH_BREAK.split(stripped)
+    dup, dup_chars = _duplicate_counts(paragraphs)
+    if (
+        cfg.max_duplicate_paragraph_fraction is not None
+        and dup / len(paragraphs) > cfg.max_duplicate_paragraph_fraction
+    ):
+        return "gopher_repetition.max_duplicate_paragraph_fraction"
+    if (
+        cfg.max_duplicate_paragraph_char_fraction is not None
+        and dup_chars / len(text) > cfg.max_duplicate_paragraph_char_fraction
+    ):
+        return "gopher_repetition.max_duplicate_paragraph_char_fraction"
+    lines = LINE_BREAKS.split(stripped)
+    dup, dup_chars = _duplicate_counts(lines)
+    if cfg.max_duplicate_line_fraction is not None and dup / len(lines) > cfg.max_duplicate_line_fraction:
+        return "gopher_repetition.max_duplicate_line_fraction"
+    if (
+        cfg.max_duplicate_line_char_fraction is not None
+        and dup_chars / len(text) > cfg.max_duplicate_line_char_fraction
+    ):
+        return "gopher_repetition.max_duplicate_line_char_fraction"
+    if not cfg.max_top_ngram_char_fraction and not cfg.max_duplicate_ngram_char_fraction:
+        return None
+    view = view or TextView(text)
+    if not view.n_words:
+        return None
+    ids, lengths = view.word_hashes, view.word_lengths
+    n_words = len(ids)
+    total = int(lengths.sum())
+    cum = np.concatenate([[0], np.cumsum(lengths)])
+    grams = _NGrams(ids)
+    for n, limit in sorted(cfg.max_top_ngram_char_fraction.items()):
+        if n_words < n:
+            continue
+        values, counts = np.unique(grams.of(n), return_counts=True)
+        top = int(np.argmax(counts))
+        if counts[top] < 2:
+            continue
+        start = int(np.argmax(grams.of(n) == values[top]))  # its first occurrence
+        if counts[top] * (cum[start + n] - cum[start]) / total > limit:
+            return f"gopher_repetition.max_top_ngram_char_fraction.{n}"
+    limits = sorted(cfg.max_duplicate_ngram_char_fraction.items())
+    for i, (n, limit) in enumerate(limits):
+        if n_words < n:
+            break
+        repeated = np.flatnonzero(~_first_occurrence(grams.of(n)))
+        # words covered by any repeated occurrence: +1 at its start, -1 after its end, running sum > 0
+        edges = np.bincount(repeated, minlength=n_words + 1) - np.bincount(
+            repeated + n, minlength=n_words + 1
+        )
+        fraction = int(lengths[np.cumsum(edges[:-1]) > 0].sum()) / total
+        if fraction > limit:
+            return f"gopher_repetition.max_duplicate_ngram_char_fraction.{n}"
+        # a repeated (n+1)-gram is two repeated n-grams: coverage only shrinks as n grows, so stop once it is
+        # below every larger n's limit (the usual case: a clean document needs only its 5-grams hashed)
+        if fraction <= min((x for _, x in limits[i + 1 :]), default=float("inf")):
+            break
+    return None
+
+
+CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]", re.IGNORECASE)
+TERMINAL = (".", "!", "?", '"', "'")
+POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+SENTENCE_END = re.compile(r"[.!?]+(?:['\"]|\s|$)")
+
+
+def c4_rule(text: str, cfg: C4Config) -> tuple[str | None, str | None, int]:
+    """(kept text or None, reason, lines dropped)."""
+    kept: list[str] = []
+    sentences = dropped = 0
+    for raw_line in text.split("\n"):
+        line = raw_line.strip()
+        if not line:
+            continue  # blank lines are layout, not content: neither kept nor counted
+        words = line.split()
+        if cfg.max_word_length is not None and any(len(w) > cfg.max_word_length for w in words):
+            dropped += 1
+            continue
+        if cfg.remove_citations:  # then strip again: "a fact. [1]" keeps its line (C4 itself would drop it)
+            line = CITATION.sub("", line).strip()
+        if cfg.require_terminal_punctuation and (not line.endswith(TERMINAL) or line.endswith("...")):
+            dropped += 1
+            continue
+        if cfg.min_words_per_line is not None and len(words) < cfg.min_words_per_line:
+            dropped += 1
+            continue
+        lower = line.lower()
+        if cfg.drop_lorem_ipsum and "lorem ipsum" in lower:
+            return None, "c4.drop_lorem_ipsum", dropped
+        if cfg.remove_javascript_lines and "javascript" in lower:
+            dropped += 1
+            continue
+        if cfg.drop_curly_bracket and "{" in line:
+            return None, "c4.drop_curly_bracket", dropped
+        if cfg.remove_policy_lines and any(p in lower for p in POLICY):
+            dropped += 1
+            continue
+        sentences += max(1, len(SENTENCE_END.findall(line)))
+        kept.append(line)
+    if not kept:
+        return None, "c4.no_line_left", dropped
+    if cfg.min_sentences is not None and sentences < cfg.min_sentences:
+        return None, "c4.min_sentences", dropped
+    return "\n".join(kept), None, dropped
+
+
+# -- the filters (datatrove backend) ----------------------------------------------------------------------
+
+
+class DatatroveFilters:
+    """datatrove's GopherRepetition, GopherQuality and C4Quality filters, set from this module's config."""
+
+    def __init__(self, cfg: CurationConfig):
+        try:
+            from datatrove.pipeline.filters import (
+                C4QualityFilter,
+                GopherQualityFilter,
+                GopherRepetitionFilter,
+            )
+        except ImportError as err:
+            raise CurationError(
+                f"curation.backend=datatrove needs `pip install datatrove spacy` ({err}); or use backend=fast"
+            ) from None
+        q, r, c = cfg.gopher_quality, cfg.gopher_repetition, cfg.c4
+        self.filters = {
+            "gopher_repetition": GopherRepetitionFilter(
+                dup_line_frac=r.max_duplicate_line_fraction,
+                dup_para_frac=r.max_duplicate_paragraph_fraction,
+                dup_line_char_frac=r.max_duplicate_line_char_fraction,
+                dup_para_char_frac=r.max_duplicate_paragraph_char_fraction,
+                top_n_grams=tuple(sorted(r.max_top_ngram_char_fraction.items())),
+                dup_n_grams=tuple(sorted(r.max_duplicate_ngram_char_fraction.items())),
+            ),
+            "gopher_quality": GopherQualityFilter(
+                min_doc_words=q.min_words,
+                max_doc_words=q.max_words,
+                min_avg_word_length=q.min_mean_word_length,
+                max_avg_word_length=q.max_mean_word_length,
+                max_symbol_word_ratio=q.max_symbol_word_ratio,
+                max_bullet_lines_ratio=q.max_bullet_lines_fraction,
+                max_ellipsis_lines_ratio=q.max_ellipsis_lines_fraction,
+                max_non_alpha_words_ratio=q.min_alpha_words_fraction,
+                min_stop_words=q.min_stop_words,
+            ),
+            "c4": C4QualityFilter(
+                split_paragraph=True,
+                remove_citations=c.remove_citations,
+                filter_no_terminal_punct=c.require_terminal_punctuation,
+                min_num_sentences=-1 if c.min_sentences is None else c.min_sentences,
+                min_words_per_line=-1 if c.min_words_per_line is None else c.min_words_per_line,
+                max_word_length=-1 if c.max_word_length is None else c.max_word_length,
+                filter_lorem_ipsum=c.drop_lorem_ipsum,
+                filter_javascript=c.remove_javascript_lines,
+                filter_curly_bracket=c.drop_curly_bracket,
+                filter_policy=c.remove_policy_lines,
+            ),
+        }
+
+    def __call__(self, stage: str, text: str) -> tuple[str | None, str | None]:
+        from datatrove.data import Document
+
+        doc = Document(text=text, id="0")
+        verdict = self.filters[stage].filter(doc)
+        if verdict is True or verdict == (True, None):
+            return doc.text, None  # C4QualityFilter rewrites doc.text to the kept lines
+        reason = verdict[1] if isinstance(verdict, tuple) else "removed"
+        return None, f"{stage}.{reason}"
+
+
+# -- MinHash + LSH ----------------------------------------------------------------------------------------
+
+MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+@lru_cache(maxsize=8)
+def lsh_bands(threshold: float, num_perm: int, false_positive_weight: float = 0.05) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm minimising the weighted areas of false positives and false
+    negatives of the LSH S-curve 1 - (1 - s^rows)^bands on either side of the threshold (datasketch's choice,
+    weighted 1:19 toward recall: every candidate is verified on its signature, so a false positive costs one
+    comparison while a false negative keeps a duplicate). At 0.8 and 128: 16 x 8, P(candidate | J=0.85) = 0.994."""
+    grid = np.linspace(0, 1, 1001)
+    below, above = grid <= threshold, grid > threshold
+    best, best_error = (1, num_perm), float("inf")
+    for bands in range(1, num_perm + 1):
+        rows = num_perm // bands
+        p = 1 - (1 - grid**rows) ** bands
+        error = false_positive_weight * np.trapezoid(p[below], grid[below]) + (
+            1 - false_positive_weight
+        ) * np.trapezoid(1 - p[above], grid[above])
+        if error < best_error:
+            best, best_error = (bands, rows), error
+    return best
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+    b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def shingles(text: str, n: int, view: TextView | None = None) -> np.ndarray:
+    """Distinct 64-bit hashes of the lower-cased word n-grams (stable across processes and runs)."""
+    ids = (view or TextView(text)).word_hashes
+    if not len(ids):
+        return np.zeros(0, dtype=np.uint64)
+    grams = _ngram_hashes(ids, min(n, len(ids)))
+    grams ^= grams >> np.uint64(31)  # spread the bits before the multiply-shift permutations
+    grams *= MIX
+    return np.unique(grams)
+
+
+def minhash(text: str, cfg: DedupConfig, view: TextView | None = None) -> np.ndarray | None:
+    """uint32[num_perm] signature (None for a document without words): per permutation h(x) = (a*x + b) >> 32
+    (multiply-shift), the minimum over the document's shingles."""
+    grams = shingles(text, cfg.ngram, view)
+    if not len(grams):
+        return None
+    a, b = _permutations(cfg.num_perm, cfg.seed)
+    lowest = np.full(cfg.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+    for start in range(0, len(grams), 2048):  # bounded temporaries for long documents
+        block = np.multiply(grams[start : start + 2048, None], a)
+        block += b
+        np.minimum(lowest, block.min(axis=0), out=lowest)
+    return (lowest >> np.uint64(32)).astype(
+        np.uint32
+    )  # the top bits of the minimum = the minimum of the top bits
+
+
+class DatatroveSignatures:
+    """datatrove's MinhashDedupSignature shingling (its text simplification, spaCy words, sha1 hashes: its
+    default xxhash passes str, which xxhash>=4 refuses), folded to the same uint32[num_perm] layout."""
+
+    def __init__(self, cfg: DedupConfig):
+        from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+        from datatrove.utils.hashing import HashConfig
+
+        bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
+        config = MinhashConfig(
+            n_grams=cfg.ngram,
+            num_buckets=bands,
+            hashes_per_bucket=rows,
+            seed=cfg.seed,
+            hash_config=HashConfig(precision=32, hash_fc="sha1"),
+        )
+        self.step = MinhashDedupSignature(output_folder="/nonexistent", config=config)
+        self.num_perm = cfg.num_perm
+
+    def __call__(self, text: str, view=None) -> np.ndarray | None:
+        grams = self.step.get_shingles(text)
+        if not len(grams):
+            return None
+        flat = np.concatenate([np.asarray(b, dtype=np.uint32) for b in self.step.get_signature(grams)])
+        out = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+        out[: len(flat)] = flat
+        return out
+
+
+class NearDuplicateIndex:
+    """LSH over MinHash signatures, verified by the signature agreement (estimated Jaccard)."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.threshold = cfg.threshold
+        self.bands, self.rows = lsh_bands(cfg.threshold, cfg.num_perm)
+        self.buckets: list[dict[bytes, int]] = [{} for _ in range(self.bands)]
+        self.signatures = np.zeros((1024, cfg.num_perm), dtype=np.uint32)
+        self.size = 0
+
+    def _keys(self, signature: np.ndarray) -> list[bytes]:
+        r = self.rows
+        return [signature[i * r : (i + 1) * r].tobytes() for i in range(self.bands)]
+
+    def find(self, signature: np.ndarray) -> int | None:
+        """Index of an earlier document this one duplicates, or None."""
+        seen: set[int] = set()
+        for bucket, key in zip(self.buckets, self._keys(signature)):
+            other = bucket.get(key)
+            if other is None or other in seen:
+                continue
+            seen.add(other)
+            if np.mean(self.signatures[other] == signature) >= self.threshold:
+                return other
+        return None
+
+    def add(self, signature: np.ndarray) -> int:
+        if self.size == len(self.signatures):
+            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
+        self.signatures[self.size] = signature
+        for bucket, key in zip(self.buckets, self._keys(signature)):
+            bucket.setdefault(key, self.size)
+        self.size += 1
+        return self.size - 1
+
+
+def content_digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+
+# -- report -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageStats:
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    lines_removed: int = 0
+    cpu_seconds: float = 0.0
+    """CPU time of this stage (all threads of the process that ran it), summed over processes."""
+    removed: Counter = field(default_factory=Counter)
+    """rule -> documents it removed."""
+
+    def merge(self, other: StageStats) -> None:
+        for name in ("docs_in", "docs_out", "bytes_in", "bytes_out", "lines_removed", "cpu_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.removed.update(other.removed)
+
+    def to_dict(self) -> dict:
+        return {
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "lines_removed": self.lines_removed,
+            "cpu_seconds": round(self.cpu_seconds, 4),
+            "removed": dict(sorted(self.removed.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StageStats:
+        return cls(**{**d, "removed": Counter(d.get("removed", {}))})
+
+
+STAGES = ("normalize", *FILTER_STAGES, "exact_dedup", "near_dedup")
+
+
+class Report:
+    """Per stage: documents and bytes in and out, removals by rule, seconds spent; tokens after the last."""
+
+    def __init__(self, stages: tuple[str, ...] = STAGES):
+        self.stages = {name: StageStats() for name in stages}
+        self.tokens: dict[str, int] = {}
+        self.documents: dict[str, int] = {}
+        self.wall_seconds = 0.0
+        self.cpu_seconds = 0.0
+        """CPU time of the whole run: main process and workers, reading and writing included."""
+        self.workers = 1
+        self.peak_rss_mb: dict[str, float] = {}
+        """Peak resident memory of the main process and of the largest worker."""
+
+    def merge(self, stats: dict[str, StageStats]) -> None:
+        for name, s in stats.items():
+            self.stages[name].merge(s)
+
+    def to_dict(self) -> dict:
+        first = self.stages[next(iter(self.stages))]
+        last = self.stages[next(reversed(self.stages))]
+        mb = first.bytes_in / 1e6
+        return {
+            "stages": {name: s.to_dict() for name, s in self.stages.items()},
+            "input": {"documents": first.docs_in, "bytes": first.bytes_in},
+            "output": {
+                "documents": last.docs_out,
+                "bytes": last.bytes_out,
+                "tokens": self.tokens,
+                "documents_per_split": self.documents,
+            },  # fmt: skip
+            "kept_fraction": {
+                "documents": last.docs_out / first.docs_in if first.docs_in else 0.0,
+                "bytes": last.bytes_out / first.bytes_in if first.bytes_in else 0.0,
+            },
+            "wall_seconds": round(self.wall_seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "workers": self.workers,
+            "peak_rss_mb": self.peak_rss_mb,
+            "mb_per_s": mb / self.wall_seconds if self.wall_seconds else None,
+            "mb_per_cpu_second": mb / self.cpu_seconds if self.cpu_seconds else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Report:
+        report = cls(tuple(d["stages"]))
+        report.stages = {name: StageStats.from_dict(s) for name, s in d["stages"].items()}
+        report.tokens = dict(d["output"].get("tokens", {}))
+        report.documents = dict(d["output"].get("documents_per_split", {}))
+        report.wall_seconds, report.cpu_seconds = d.get("wall_seconds", 0.0), d.get("cpu_seconds", 0.0)
+        report.workers, report.peak_rss_mb = d.get("workers", 1), d.get("peak_rss_mb", {})
+        return report
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """A table: one row per stage, then the removal reasons beneath their stage."""
+        header = ["stage", "docs in", "docs out", "MB in", "MB out", "kept", "MB/cpu-s", "removed by"]
+        rows = []
+        for name, s in self.stages.items():
+            kept = f"{s.docs_out / s.docs_in:.1%}" if s.docs_in else "-"
+            speed = f"{s.bytes_in / 1e6 / s.cpu_seconds:.1f}" if s.cpu_seconds > 1e-3 else "-"
+            reasons = ", ".join(f"{rule} {n}" for rule, n in s.removed.most_common())
+            if s.lines_removed:
+                reasons = ", ".join(filter(None, [reasons, f"({s.lines_removed} lines dropped)"]))
+            rows.append(
+                [
+                    name,
+                    str(s.docs_in),
+                    str(s.docs_out),
+                    f"{s.bytes_in / 1e6:.2f}",
+                    f"{s.bytes_out / 1e6:.2f}",
+                    kept,
+                    speed,
+                    reasons or "-",
+                ]  # fmt: skip
+            )
+        d = self.to_dict()
+        total_kept = f"{d['kept_fraction']['documents']:.1%} docs, {d['kept_fraction']['bytes']:.1%} bytes"
+        speed = f"{d['mb_per_cpu_second']:.2f}" if d["mb_per_cpu_second"] else "-"
+        tokens = ", ".join(f"{split} {n}" for split, n in self.tokens.items())
+        rows.append(["total", str(d["input"]["documents"]), str(d["output"]["documents"]),
+                     f"{d['input']['bytes'] / 1e6:.2f}", f"{d['output']['bytes'] / 1e6:.2f}", total_kept, speed,
+                     f"tokens: {tokens}" if tokens else "-"])  # fmt: skip
+        return header, rows
+
+
+# -- the per-document pipeline ----------------------------------------------------------------------------
+
+
+@dataclass
+class Curated:
+    """A document that passed normalisation and every filter (dedup happens later, in document order)."""
+
+    text: str
+    digest: bytes | None
+    signature: np.ndarray | None
+
+
+class Curator:
+    """Normalise and filter documents; compute what deduplication needs. Stateless across documents, so
+    batches can go to worker processes; `Deduplicator` holds the cross-document state."""
+
+    def __init__(self, cfg: CurationConfig):
+        check_curation_config(cfg)
+        self.cfg = cfg
+        self.datatrove = DatatroveFilters(cfg) if cfg.backend == "datatrove" else None
+        d = cfg.dedup
+        if d.near:
+            self.signature = (
+                DatatroveSignatures(d) if cfg.backend == "datatrove" else lambda t, v: minhash(t, d, v)
+            )
+        self.stages = [name for name in FILTER_STAGES if getattr(cfg, name).enabled]
+
+    def _filter(self, stage: str, text: str, view: TextView | None) -> tuple[str | None, str | None, int]:
+        cfg = self.cfg
+        if self.datatrove is not None and stage in self.datatrove.filters:
+            kept, reason = self.datatrove(stage, text)
+            return kept, reason, 0
+        if stage == "c4":
+            return c4_rule(text, cfg.c4)
+        if stage == "length":
+            reason = length_rule(text, cfg.length)
+        else:
+            rule = {"characters": characters_rule, "gopher_quality": gopher_quality_rule,
+                    "gopher_repetition": gopher_repetition_rule}[stage]  # fmt: skip
+            reason = rule(text, getattr(cfg, stage), view)
+        return (None if reason else text), reason, 0
+
+    def process(self, texts: list[str]) -> tuple[list[Curated | None], dict[str, StageStats]]:
+        """One entry per input text (None where a filter removed it), and per-stage statistics (the dedup
+        stages get only the seconds spent hashing here; `Deduplicator` counts their documents)."""
+        stats = {name: StageStats() for name in STAGES}
+        out: list[Curated | None] = []
+        for raw in texts:
+            t0 = time.process_time()
+            text = normalize(raw, self.cfg.normalize)
+            _count(stats["normalize"], len(raw.encode("utf-8")), len(text.encode("utf-8")))
+            stats["normalize"].cpu_seconds += time.process_time() - t0
+            size = len(text.encode("utf-8"))
+            view = None  # built on first use, shared by the rules until a rule changes the text
+            for stage in FILTER_STAGES:
+                s = stats[stage]
+                if stage not in self.stages:
+                    _count(s, size, size)
+                    continue
+                t0 = time.process_time()
+                if view is None and stage in ("characters", "gopher_quality", "gopher_repetition"):
+                    view = TextView(text)
+                kept, reason, dropped = self._filter(stage, text, view)
+                s.cpu_seconds += time.process_time() - t0
+                s.lines_removed += dropped
+                if kept is None:
+                    _count(s, size, None)
+                    s.removed[reason] += 1
+                    text = None
+                    break
+                new_size = size if kept is text else len(kept.encode("utf-8"))
+                if kept is not text:
+                    view = None
+                _count(s, size, new_size)
+                text, size = kept, new_size
+            if text is None:
+                out.append(None)
+                continue
+            t0 = time.process_time()
+            digest = content_digest(text) if self.cfg.dedup.exact else None
+            t1 = time.process_time()
+            signature = self.signature(text, view) if self.cfg.dedup.near else None
+            stats["exact_dedup"].cpu_seconds += t1 - t0
+            stats["near_dedup"].cpu_seconds += time.process_time() - t1
+            out.append(Curated(text, digest, signature))
+        return out, stats
+
+
+def _count(s: StageStats, size_in: int, size_out: int | None) -> None:
+    s.docs_in += 1
+    s.bytes_in += size_in
+    if size_out is not None:
+        s.docs_out += 1
+        s.bytes_out += size_out
+
+
+class Deduplicator:
+    """Exact (content hash) and near (MinHash LSH) deduplication in document order; first one wins."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self.digests: set[bytes] = set()
+        self.index = NearDuplicateIndex(cfg) if cfg.near else None
+
+    def check(self, doc: Curated, size: int, stats: dict[str, StageStats]) -> bool:
+        """True to keep (and remember) the document; counts it in stats["exact_dedup"] / ["near_dedup"]."""
+        exact, near = stats["exact_dedup"], stats["near_dedup"]
+        t0 = time.process_time()
+        duplicate = self.cfg.exact and doc.digest in self.digests
+        t1 = time.process_time()
+        exact.cpu_seconds += t1 - t0
+        _count(exact, size, None if duplicate else size)
+        if duplicate:
+            exact.removed["exact_dedup.exact"] += 1
+            return False
+        duplicate = (
+            self.index is not None
+            and doc.signature is not None
+            and self.index.find(doc.signature) is not None
+        )
+        near.cpu_seconds += time.process_time() - t1
+        _count(near, size, None if duplicate else size)
+        if duplicate:
+            near.removed["near_dedup.threshold"] += 1
+            return False
+        self.remember(doc.digest, doc.signature)
+        return True
+
+    def remember(self, digest: bytes | None, signature: np.ndarray | None) -> None:
+        if digest is not None:
+            self.digests.add(digest)
+        if self.index is not None and signature is not None:
+            self.index.add(signature)
+
+
+def curate(texts, cfg: CurationConfig) -> tuple[list[str], Report]:
+    """Curate an in-memory collection in one process: the kept texts (in order) and the report."""
+    curator, dedup, report = Curator(cfg), Deduplicator(cfg.dedup), Report()
+    t0, c0 = time.perf_counter(), time.process_time()
+    results, stats = curator.process(list(texts))
+    report.merge(stats)
+    kept = [
+        doc.text
+        for doc in results
+        if doc is not None and dedup.check(doc, len(doc.text.encode("utf-8")), report.stages)
+    ]
+    report.wall_seconds, report.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return kept, report

@@ -1,0 +1,62 @@
+"""Evaluate a trained model on the validation split of any data config: loss, perplexity, bits per byte and
+token accuracy (for MLM: on the selected tokens), with the objective of the model's family."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmtrain.data import WindowLoader
+from llmtrain.models import IGNORE_INDEX
+
+LN2 = math.log(2)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    objective,
+    tokens: np.ndarray,
+    token_bytes: torch.Tensor,
+    batch_size: int,
+    n_batches: int,
+    seed: int,
+) -> dict[str, float]:
+    """Over the first n_batches windows of `tokens` (in order), with the objective's randomness seeded as the
+    trainer's evaluation seeds it (seed + 1), so the figures match the trainer's val_* at equal batches.
+
+    bits per byte = summed nats / ln 2 / UTF-8 bytes of the predicted tokens.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    loader = WindowLoader(tokens, objective.raw_length, batch_size, seed, shuffle=False, name="validation")
+    n_batches = min(n_batches, loader.batches_per_epoch)
+    rng = torch.Generator().manual_seed(seed + 1)
+    nats, targets, n_bytes, correct = 0.0, 0, 0, 0
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        batch = {k: v.to(device) for k, v in objective(loader.next_batch(), rng).items()}
+        out = model(**batch)
+        labels = batch["labels"]
+        selected = labels != IGNORE_INDEX
+        predictions = out.logits.argmax(-1)
+        # the encoder's logits are (N, V) over its labelled positions only
+        truth = labels[selected] if predictions.dim() == 1 else labels
+        hits = predictions == truth
+        correct += int(hits.sum() if predictions.dim() == 1 else hits[selected].sum())
+        nats += out.loss.double().item() * int(out.n_targets)
+        targets += int(out.n_targets)
+        n_bytes += int(token_bytes.to(device)[labels[selected]].sum())
+    loss = nats / max(targets, 1)
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": nats / LN2 / max(n_bytes, 1),
+        "accuracy": correct / max(targets, 1),
+        "targets": targets,
+        "seconds": time.perf_counter() - start,
+    }

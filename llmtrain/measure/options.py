@@ -1,0 +1,170 @@
+"""Options of the measurement scripts, and the root config that puts them beside the training config.
+
+`scripts/estimate_memory.py` and `scripts/plan.py` compose `configs/train.yaml` like training does, so every
+training override works (`model=encoder data.seq_len=512 trainer.micro_batch_size=8`), plus their own typed
+sections: `memory.strategy=fsdp memory.world_size=8`, `plan.pf_days=100`. A misspelled key fails at
+composition, as in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from llmtrain.config import ParallelConfig, TrainConfig, register_configs, to_dataclass, validate
+from llmtrain.measure.hardware import GIB, accelerator
+from llmtrain.measure.memory import Setup
+from llmtrain.measure.planning import device_budget, device_peak_flops, from_pf_days
+
+
+@dataclass
+class MemoryOptions:
+    gpu: str = "H100"
+    """Device to fit (A100, A100-40GB, H100-SXM, H100-PCIe, H200); any name with gpu_memory_gib set."""
+    gpu_memory_gib: float | None = None
+    """Device memory in GiB; overrides the table (and allows a device not in it)."""
+    usable_fraction: float = 0.9
+    """Part of the device memory a step may use (the rest: CUDA context, allocator fragmentation)."""
+    precision: str | None = None
+    """fp32 | bf16 | fp16 | bf16_master (ZeRO-style); null follows trainer.precision (auto -> bf16 on a GPU)."""
+    world_size: int = 1
+    """Data-parallel devices (what torchrun would start)."""
+    strategy: str | None = None
+    """ddp | zero1 | zero2 | zero3 | fsdp | hybrid; null follows the parallel config (see strategy_of)."""
+    shard_size: int | None = None
+    """hybrid: devices one model copy is sharded over; null follows parallel.shard_size."""
+    cpu_offload: bool | None = None
+    """null follows parallel.cpu_offload."""
+    activation_checkpointing: bool | None = None
+    """null follows parallel.activation_checkpointing."""
+    micro_batch: int | None = None
+    """Sequences per device per forward; null follows trainer.micro_batch_size."""
+
+    def setup(
+        self, cfg: TrainConfig, strategy: str | None = None, checkpointing: bool | None = None
+    ) -> Setup:
+        """The estimator's Setup: these options where set, else what the training config would run."""
+        parallel_strategy, parallel_shard = strategy_of(cfg.parallel, self.world_size)
+        precision = self.precision or {"auto": "bf16"}.get(cfg.trainer.precision, cfg.trainer.precision)
+        for choice in (self.activation_checkpointing, cfg.parallel.activation_checkpointing):
+            checkpointing = choice if checkpointing is None else checkpointing
+        return Setup(
+            precision=precision,
+            strategy=strategy or self.strategy or parallel_strategy,
+            world_size=self.world_size,
+            shard_size=self.shard_size or parallel_shard,
+            cpu_offload=cfg.parallel.cpu_offload if self.cpu_offload is None else self.cpu_offload,
+            activation_checkpointing=checkpointing,
+            grad_accum_steps=cfg.trainer.grad_accum_steps,
+        )
+
+    def usable_bytes(self) -> float:
+        gib = self.gpu_memory_gib or accelerator(self.gpu).memory_gib
+        if not 0 < self.usable_fraction <= 1:
+            raise ValueError(f"memory.usable_fraction={self.usable_fraction} must be in (0, 1]")
+        return gib * GIB * self.usable_fraction
+
+
+def strategy_of(parallel: ParallelConfig, world_size: int) -> tuple[str, int | None]:
+    """The estimator's strategy (and hybrid shard size) for llmtrain's parallel config on world_size devices:
+    single/ddp -> ddp (zero1 with parallel.zero1); fsdp -> zero3 (zero2 without resharding after forward)
+    when sharded over all devices, else hybrid over parallel.shard_size."""
+    if parallel.strategy == "fsdp":
+        shard = parallel.shard_size or world_size
+        if shard == world_size:
+            return ("zero3" if parallel.reshard_after_forward else "zero2"), None
+        return "hybrid", shard
+    return ("zero1" if parallel.zero1 else "ddp"), None
+
+
+@dataclass
+class PlanOptions:
+    flops: float | None = None
+    """Budget in FLOPs (give one of flops, pf_days, hours; or none of them with tokens for the reverse)."""
+    pf_days: float | None = None
+    """Budget in petaFLOP/s-days (1e15 * 86400 FLOPs)."""
+    hours: float | None = None
+    """Budget as devices x hours x mfu on `device`."""
+    devices: int = 8
+    device: str = "H100"
+    """A100, H100-SXM (= H100), H100-PCIe, H200; another name needs peak_tflops."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device; overrides the table."""
+    dtype: str = "bf16"
+    """Which peak of the table: bf16 | tf32 | fp32."""
+    mfu: float = 0.4
+    """Model FLOPs utilisation expected (published: ~0.35-0.5 for well-tuned dense training)."""
+    params: float | None = None
+    """Reverse: a parameter count to cost (default: the configured model's)."""
+    tokens: float | None = None
+    """Reverse: tokens to train on; without a budget, costs the configured model on this many tokens."""
+    aspect_ratio: float = 128.0
+    """d_model / n_layers wanted for the model shape found for a budget."""
+
+    def peak_flops(self) -> float:
+        return device_peak_flops(self.device, self.dtype, self.peak_tflops)
+
+    def budget(self, peak_flops: float) -> float | None:
+        """The budget in FLOPs from whichever of flops, pf_days, hours is set (None when none is)."""
+        named = (("flops", self.flops), ("pf_days", self.pf_days), ("hours", self.hours))
+        given = {kind: value for kind, value in named if value is not None}
+        if len(given) > 1:
+            raise ValueError(
+                f"give one budget of plan.flops, plan.pf_days, plan.hours; got {', '.join(given)}"
+            )
+        if not given:
+            return None
+        ((kind, value),) = given.items()
+        if not value > 0:
+            raise ValueError(f"plan.{kind}={value}: a budget must be > 0")
+        if kind == "hours":
+            return device_budget(self.devices, value, self.mfu, peak_flops)
+        return from_pf_days(value) if kind == "pf_days" else value
+
+
+def register_script_config(name: str, **sections: type) -> None:
+    """Store root config `name`: configs/train.yaml plus typed `sections` (e.g. memory=MemoryOptions)."""
+    register_configs()
+    node = {
+        "defaults": ["_self_", "train"],
+        **{key: OmegaConf.structured(cls) for key, cls in sections.items()},
+    }
+    ConfigStore.instance().store(name=name, node=node)
+
+
+def train_config(cfg: DictConfig, *sections: str) -> TrainConfig:
+    """The validated training config of a script's composed config, without the script's own sections."""
+    train = to_dataclass(OmegaConf.masked_copy(cfg, [key for key in cfg if key not in sections]))
+    validate(train)
+    return train
+
+
+def section(cfg: DictConfig, name: str) -> Any:
+    """A script section as its dataclass (MemoryOptions, PlanOptions)."""
+    return OmegaConf.to_object(cfg[name])
+
+
+def human(value: float, unit: str = "") -> str:
+    """1.23e9 -> '1.23 B' style: K, M, B, T for counts (T = 1e12)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {suffix}{unit}"
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.2f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain aligned text table: first column left-aligned, others right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells)
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

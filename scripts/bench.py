@@ -1,0 +1,206 @@
+"""Training throughput and MFU of the real training step, for each family at a few sizes.
+
+    python scripts/bench.py                                   # tiny + small shapes, fp32 and bf16, this device
+    python scripts/bench.py --shapes gpt2_124m bert_base t5_base --precisions bf16 --compile
+
+Synthetic tokens feed the real Trainer (objective, model, optimizer, precision, parallel wrapping), so the step
+timed is the step that trains. MFU is reported against the matmul peak measured in the same run (the honest
+figure on a CPU) and, on a known GPU, against its datasheet peak. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmtrain.config import TrainConfig
+from llmtrain.data import Corpus
+from llmtrain.measure.flops import forward_flops, measure_matmul_peak
+from llmtrain.measure.shapes import lengths_for
+from llmtrain.models import ModelConfig, count_parameters
+from llmtrain.training.trainer import Trainer
+
+# (family, model shape, seq_len, vocab, micro-batch)
+GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True)
+SHAPES: dict[str, tuple[ModelConfig, int, int, int]] = {
+    "decoder_tiny": (ModelConfig("decoder", d_model=128, n_layers=2, n_heads=4, max_seq_len=128), 128, 4096, 16),
+    "decoder_small": (ModelConfig("decoder", d_model=384, n_layers=6, n_heads=6, max_seq_len=256), 256, 4096, 16),
+    "encoder_small": (ModelConfig("encoder", d_model=384, n_layers=6, n_heads=6, max_seq_len=256, **GPT2), 256, 4096, 16),
+    "t5_small": (ModelConfig("encoder_decoder", d_model=384, n_layers=4, n_heads=6, max_seq_len=256), 256, 4096, 16),
+    "gpt2_124m": (ModelConfig("decoder", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, **GPT2), 1024, 50304, 16),
+    "bert_base": (ModelConfig("encoder", d_model=768, n_layers=12, n_heads=12, max_seq_len=512, **GPT2), 512, 30528, 32),
+    "t5_base": (
+        ModelConfig("encoder_decoder", d_model=768, n_layers=12, n_heads=12, d_ff=2048, max_seq_len=512),
+        512, 32128, 32,
+    ),
+}  # fmt: skip
+OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span_corruption"}
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s
+
+
+class SyntheticTokenizer:
+    """What the trainer needs of a tokenizer, for a vocabulary of any size, without training one."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id = range(5)
+        self.sentinel_ids = list(range(5, 105))
+        self.special_ids = list(range(105))
+
+    def token_bytes(self) -> torch.Tensor:
+        lengths = torch.full((self.vocab_size,), 4, dtype=torch.long)
+        lengths[: len(self.special_ids)] = 0
+        return lengths
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+@dataclass
+class Result:
+    shape: str
+    precision: str
+    compile: bool
+    parallel: str
+    params_m: float
+    micro_batch: int
+    step_ms: float
+    tokens_per_s: float
+    tflops: float
+    mfu_measured_peak: float
+    mfu_datasheet: float | None
+    peak_memory_gib: float
+    data_wait_fraction: float
+    """Share of the step the training thread spent blocked waiting for the prefetched batch."""
+
+
+def make_trainer(
+    name: str, precision: str, compile_: bool, parallel: str, batch: int | None, out: Path
+) -> Trainer:
+    model, seq_len, vocab, micro_batch = SHAPES[name]
+    cfg = TrainConfig()
+    cfg.model = replace(model, vocab_size=vocab)
+    cfg.objective.name = OBJECTIVE[model.family]
+    cfg.data.seq_len = seq_len
+    cfg.trainer.micro_batch_size = batch or micro_batch
+    cfg.trainer.precision, cfg.trainer.progress, cfg.trainer.checkpoint = precision, False, False
+    cfg.trainer.max_steps, cfg.trainer.eval_batches = 10**6, 1
+    cfg.parallel.strategy, cfg.parallel.compile = parallel, compile_
+    cfg.logger.wandb, cfg.logger.jsonl = "disabled", False
+    cfg.output_dir, cfg.run_name = str(out), f"{name}-{precision}-{compile_}-{parallel}"
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(105, vocab, size=4_000_000, dtype=np.int64).astype(np.uint32)
+    corpus = Corpus(SyntheticTokenizer(vocab), tokens, tokens[:200_000], Path("synthetic"))
+    return Trainer(cfg, corpus=corpus)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(
+    name: str, precision: str, compile_: bool, parallel: str, steps: int, warmup: int, batch, peaks, out
+):
+    trainer = make_trainer(name, precision, compile_, parallel, batch, out)
+    device = trainer.device
+    for _ in range(warmup):
+        trainer.train_step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    waited = trainer.batches.wait_seconds
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    sequences = trainer.cfg.trainer.micro_batch_size * trainer.cfg.trainer.grad_accum_steps
+    flops = forward_flops(trainer.cfg.model, lengths_for(trainer.cfg)).training * sequences / seconds
+    peak_key = "bf16" if precision == "bf16" else "fp32"
+    datasheet = next((v for k, v in DATASHEET_BF16.items() if k in peaks.get("device", "")), None)
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
+
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return Result(
+        shape=name,
+        precision=precision,
+        compile=compile_,
+        parallel=parallel,
+        params_m=count_parameters(trainer.model) / 1e6,
+        micro_batch=trainer.cfg.trainer.micro_batch_size,
+        step_ms=seconds * 1e3,
+        tokens_per_s=sequences * trainer.objective.seq_len / seconds,
+        tflops=flops / 1e12,
+        mfu_measured_peak=flops / peaks[peak_key],
+        mfu_datasheet=flops / datasheet if datasheet and precision == "bf16" else None,
+        peak_memory_gib=memory / 2**30,
+        data_wait_fraction=(trainer.batches.wait_seconds - waited) / steps / seconds,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shapes", nargs="+", default=["decoder_tiny", "decoder_small"], choices=sorted(SHAPES)
+    )
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument(
+        "--parallel", default="single", choices=["single", "ddp", "fsdp"], help="also under torchrun"
+    )
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: per shape)")
+    parser.add_argument("--json", default="bench.json")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peaks = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "fp32": measure_matmul_peak(torch.float32, device),
+        "bf16": measure_matmul_peak(torch.bfloat16, device),
+    }
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports (figures are per rank)
+    say = print if main_rank else (lambda *a, **k: None)
+    say(
+        f"device: {peaks['device']}; matmul peak fp32 {peaks['fp32'] / 1e12:.2f}, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s"
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as out:
+        for name in args.shapes:
+            for precision in args.precisions:
+                r = bench(
+                    name, precision, args.compile, args.parallel, args.steps, args.warmup, args.batch, peaks, Path(out)
+                )  # fmt: skip
+                results.append(r)
+                sheet = f"{r.mfu_datasheet:6.1%}" if r.mfu_datasheet is not None else "     -"
+                say(
+                    f"{r.shape:14s} {r.precision:5s} compile={r.compile!s:5s} {r.parallel:6s} {r.params_m:7.1f}M "
+                    f"b={r.micro_batch:<3d} {r.step_ms:9.1f} ms {r.tokens_per_s:10.0f} tok/s {r.tflops:8.3f} TFLOP/s "
+                    f"MFU(measured) {r.mfu_measured_peak:6.1%} MFU(datasheet) {sheet} "
+                    f"mem {r.peak_memory_gib:6.2f} GiB data {r.data_wait_fraction:5.1%}",
+                    flush=True,
+                )
+    if main_rank:
+        Path(args.json).write_text(
+            json.dumps({"peaks": peaks, "results": [asdict(r) for r in results]}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Evaluate a trained model: loss, perplexity, bits per byte and token accuracy (MLM: on the selected
+tokens; span corruption: on the targets), at each precision asked for, as one JSON result.
+
+    python scripts/evaluate.py runs/decoder-stdlib
+    python scripts/evaluate.py runs/decoder-stdlib --data files --set data.paths=[legal/*.jsonl] data.name=legal
+    python scripts/evaluate.py runs/decoder-stdlib --precision fp32 bf16 int8 --out eval.json
+
+The source is a run directory (its newest checkpoint), a step-XXXXXXX folder or an exported folder. The data
+is the run's own validation split unless --data NAME (configs/data/NAME.yaml) and --set data.KEY=VALUE
+change it; the model's own tokenizer is always used. Each precision reports its weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from llmtrain.config import ConfigError, TrainConfig, to_dataclass
+from llmtrain.data import DataError, prepare_corpus
+from llmtrain.inference.evaluate import evaluate_model
+from llmtrain.inference.loading import CheckpointError, load_trained_model
+from llmtrain.inference.quantize import PRECISIONS, weight_bytes, with_precision
+from llmtrain.objectives import OBJECTIVE_FAMILY
+from llmtrain.training.trainer import build_objective
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run_config(source: Path, data: str | None, settings: list[str]) -> TrainConfig:
+    """The run's training config (or the defaults, for an exported folder), with the data changed as asked."""
+    saved = {}
+    for candidate in (source / "config.json", source.parent / "config.json"):
+        if candidate.is_file() and "data" in (found := json.loads(candidate.read_text())):
+            saved = found
+            break
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in saved.items() if k != "hydra"})
+    seq_len = cfg.data.seq_len
+    if data:
+        path = CONFIGS / "data" / f"{data}.yaml"
+        if not path.is_file():
+            allowed = ", ".join(sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml")))
+            raise ConfigError(f"--data {data}: no {path}; allowed: {allowed}")
+        cfg.data = OmegaConf.merge(cfg.data, OmegaConf.load(path))
+        cfg.data.seq_len = seq_len  # the model's sequence length, unless --set changes it
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(settings))
+    return to_dataclass(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="run directory, step-XXXXXXX folder, or exported folder")
+    parser.add_argument("--data", help="a data config name (configs/data/NAME.yaml); default: the run's data")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.paths=[a.jsonl]")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the run, if found)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="also write the JSON result here")
+    args = parser.parse_args(argv)
+    try:
+        source = Path(args.source)
+        loaded = load_trained_model(source, args.device)
+        tokenizer = args.tokenizer or loaded.tokenizer_path
+        if tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer.json found beside {loaded.source}; pass --tokenizer PATH")
+        cfg = run_config(loaded.source, args.data, args.set)
+        cfg.data.tokenizer.path = str(tokenizer)
+        cfg.model = loaded.cfg
+        if OBJECTIVE_FAMILY[cfg.objective.name] != loaded.cfg.family:  # an exported folder: the family's own
+            cfg.objective.name = next(k for k, v in OBJECTIVE_FAMILY.items() if v == loaded.cfg.family)
+        corpus = prepare_corpus(cfg.data)
+        objective = build_objective(cfg, corpus.tokenizer)
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    result = {
+        "source": str(loaded.source),
+        "family": loaded.cfg.family,
+        "objective": cfg.objective.name,
+        "data": cfg.data.name,
+        "seq_len": cfg.data.seq_len,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "results": {},
+    }
+    token_bytes = corpus.tokenizer.token_bytes()
+    for precision in args.precision:
+        model = load_trained_model(loaded.source, args.device).model if precision != "fp32" else loaded.model
+        model = with_precision(model, precision)
+        metrics = evaluate_model(
+            model, objective, corpus.val, token_bytes, args.batch_size, args.batches, cfg.seed
+        )
+        result["results"][precision] = {**metrics, "weight_bytes": weight_bytes(model)}
+        print(
+            f"{precision:>5}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "
+            f"accuracy {metrics['accuracy']:.3f}  weights {weight_bytes(model) / 2**20:.2f} MiB",
+            file=sys.stderr,
+        )
+    text = json.dumps(result, indent=1, default=str)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""scripts/estimate_memory.py and scripts/plan.py run as a user runs them, with training overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_estimate_memory_prints_a_table_per_strategy_for_any_family():
+    result = run(
+        "estimate_memory.py",
+        "model=encoder_decoder",
+        "model.d_model=512",
+        "data.seq_len=512",
+        "model.max_seq_len=512",
+        "trainer.micro_batch_size=8",
+        "memory.gpu=A100",
+        "memory.world_size=8",
+        "parallel=fsdp",  # the training config's strategy: FSDP sharded over 4 of 8 ranks is hybrid
+        "parallel.shard_size=4",
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "model: encoder_decoder d_model=512" in out
+    assert "micro-batch 8 x 512 tokens, 114 decoder tokens (span_corruption)" in out
+    for word in (
+        "ddp",
+        "zero1",
+        "zero2",
+        "zero3",
+        "hybrid*",
+        "activations",
+        "PEAK",
+        "max micro-batch, ckpt on",
+    ):
+        assert word in out
+    assert "A100-" not in out and "fitting: A100 (80.0 GiB, 90% usable)" in out
+
+
+def test_estimate_memory_rejects_a_bad_option_clearly():
+    result = run("estimate_memory.py", "memory.strategy=zero9")
+    assert result.returncode == 2 and "strategy='zero9'" in result.stderr
+
+
+def test_plan_from_a_budget_gives_both_optima_a_shape_and_time():
+    result = run("plan.py", "plan.pf_days=100", "plan.devices=64", "plan.device=H100", "memory.strategy=fsdp")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "64 x H100-SXM at 989 TFLOP/s" in out
+    for row in ("20 tokens/param", "fitted-law optimum", "8.49 B", "predicted loss", "model shape", "time"):
+        assert row in out
+    assert "memory per device: fsdp, bf16, micro-batch 16 x 256 tokens" in out
+    assert "3.9 days" in out  # 8.64e21 FLOPs / (64 x 989e12 FLOP/s x 0.4)
+
+
+def test_plan_reverse_costs_gpt3_and_the_configured_model():
+    gpt3 = run("plan.py", "plan.params=175e9", "plan.tokens=300e9")
+    assert gpt3.returncode == 0, gpt3.stderr
+    assert "3646" in gpt3.stdout  # petaFLOP/s-days (Brown et al.: ~3,640)
+    t5 = run("plan.py", "model=t5", "model.vocab_size=32128", "data.seq_len=512", "plan.tokens=34e9")
+    assert t5.returncode == 0, t5.stderr
+    assert "d_model 768 x 12 layers" in t5.stdout and "248 M" in t5.stdout  # T5 v1.1 base
+    assert "FLOPs (from shapes, span_corruption)" in t5.stdout
+
+
+def test_plan_bad_input_is_a_clear_error():  # the other bad inputs: tests/unit/test_measure_planning.py
+    zero = run("plan.py", "plan.flops=0")
+    assert zero.returncode == 2 and "budget must be > 0" in zero.stderr

@@ -1,0 +1,218 @@
+"""Shards: tokens read back equal tokens encoded, an interrupted run is not complete and a restart skips the
+finished chunks, the output does not depend on the number of workers, bad input is named."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from llmtrain.config import DataConfig, TokenizerConfig
+from llmtrain.data import shards as shards_module
+from llmtrain.data.curation import DedupConfig, curate, minimal_curation, web_curation
+from llmtrain.data.shards import (
+    PrepareConfig,
+    TokenArray,
+    open_shards,
+    prepare_shards,
+    shard_corpus,
+    token_dtype,
+)
+from llmtrain.data.sources import DataError, is_validation
+from llmtrain.data.tokenizer import load_tokenizer, train_bpe
+from tests.conftest import write_jsonl
+from tests.unit.test_curation import _edit, prose
+
+DOCS = [prose(1000 + i, paragraphs=2, lines=2) for i in range(60)]
+CORPUS = DOCS + [DOCS[3], _edit(DOCS[5], 1, seed=1), "tiny."]  # an exact and a near duplicate, a short one
+
+
+def data_config(path, cache, **kw) -> DataConfig:
+    return DataConfig(
+        name="tiny", source="files", paths=[str(path)], cache_dir=str(cache), val_fraction=0.2,
+        tokenizer=TokenizerConfig(vocab_size=400, train_bytes=200_000), **kw,
+    )  # fmt: skip
+
+
+def prep_config(folder, **kw) -> PrepareConfig:
+    cfg = dataclasses.replace(minimal_curation(), dedup=DedupConfig())  # normalise, both dedups
+    settings = {"shard_bytes": 6000, "batch_bytes": 2500, "workers": 1, **kw}
+    return PrepareConfig(curation=cfg, output_dir=str(folder), **settings)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_jsonl(tmp_path / "docs.jsonl", CORPUS)
+
+
+def test_tokens_read_back_equal_tokens_encoded(corpus, tmp_path):
+    data, prep = data_config(corpus, tmp_path / "cache"), prep_config(tmp_path / "shards")
+    manifest = prepare_shards(data, prep)
+    shard_set = open_shards(tmp_path / "shards")
+    tokenizer = shard_set.tokenizer()
+    assert manifest["tokenizer"]["digest"] == tokenizer.digest() and manifest["dtype"] == "uint16"
+    assert len(manifest["splits"]["train"]["shards"]) > 2  # several chunks
+
+    kept, report = curate(CORPUS, prep.curation)
+    assert len(kept) == len(DOCS) + 1  # the copy and the near copy removed; "tiny." is kept by minimal
+    for split in ("train", "val"):
+        texts = [t for t in kept if is_validation(t, data.val_fraction) == (split == "val")]
+        expected = np.concatenate([tokenizer.encode(t) + [tokenizer.eos_id] for t in texts])
+        tokens = shard_set.split(split)
+        assert np.array_equal(tokens[0 : len(tokens)], expected)
+        ends = tokens.document_ends()
+        assert len(ends) == len(texts) and ends[-1] == len(tokens)
+        assert np.all(np.asarray(tokens)[ends - 1] == tokenizer.eos_id)  # every document ends with EOS
+    assert manifest["report"]["stages"]["near_dedup"]["removed"] == {"near_dedup.threshold": 1}
+    assert manifest["report"]["output"]["tokens"] == {
+        s: manifest["splits"][s]["tokens"] for s in ("train", "val")
+    }
+
+
+def test_token_array_reads_across_shards(tmp_path):
+    parts = [np.arange(0, 5), np.arange(5, 12), np.arange(12, 13)]
+    files = []
+    for i, part in enumerate(parts):
+        files.append(tmp_path / f"{i}.bin")
+        part.astype(np.uint16).tofile(files[-1])
+    array = TokenArray(files, [len(p) for p in parts], np.uint16, [])
+    whole = np.arange(13)
+    assert len(array) == 13 and array[7] == 7 and array[-1] == 12
+    for a, b in [(0, 13), (3, 9), (4, 5), (5, 12), (11, 13), (2, 2)]:
+        assert np.array_equal(array[a:b], whole[a:b]), (a, b)
+
+
+def test_interrupted_run_is_not_complete_and_restart_skips_finished_chunks(corpus, tmp_path, monkeypatch):
+    data = data_config(corpus, tmp_path / "cache")
+    reference = prepare_shards(data, prep_config(tmp_path / "reference"))
+    n_chunks = len(list((tmp_path / "reference").glob("chunk-*.json")))
+
+    prep = prep_config(tmp_path / "shards")
+    finish, finished = shards_module._ChunkWriter.finish, []
+
+    def crash_after_two(self, settings):
+        if len(finished) == 2:
+            raise KeyboardInterrupt  # killed while writing the third chunk
+        finished.append(self.chunk)
+        return finish(self, settings)
+
+    monkeypatch.setattr(shards_module._ChunkWriter, "finish", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(data, prep)
+    monkeypatch.undo()
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+    with pytest.raises(DataError, match="has no manifest.json: its preparation did not finish"):
+        open_shards(tmp_path / "shards")
+
+    work, batches = shards_module._work, []
+    monkeypatch.setattr(shards_module, "_work", lambda texts: batches.append(len(texts)) or work(texts))
+    manifest = prepare_shards(data, prep)
+    assert sum(batches) < len(CORPUS)  # the two finished chunks' documents were not processed again
+    assert manifest["splits"] == reference["splits"] and n_chunks > 2
+    assert manifest["report"]["stages"] == reference["report"]["stages"] or all(
+        {k: v for k, v in s.items() if k != "cpu_seconds"}
+        == {k: v for k, v in reference["report"]["stages"][name].items() if k != "cpu_seconds"}
+        for name, s in manifest["report"]["stages"].items()
+    )
+    for shard in reference["splits"]["train"]["shards"]:
+        assert (tmp_path / "shards" / shard["file"]).read_bytes() == (
+            tmp_path / "reference" / shard["file"]
+        ).read_bytes()
+
+    batches.clear()  # complete: a third run reuses it without reading anything
+    assert prepare_shards(data, prep)["settings"] == manifest["settings"] and batches == []
+
+
+def test_output_does_not_depend_on_workers(corpus, tmp_path):
+    data = data_config(corpus, tmp_path / "cache")
+    one = prepare_shards(data, prep_config(tmp_path / "one"))
+    two = prepare_shards(data, dataclasses.replace(prep_config(tmp_path / "two"), workers=2))
+    assert one["splits"] == two["splits"] and one["report"]["workers"] == 1 and two["report"]["workers"] == 2
+    for shard in one["splits"]["train"]["shards"] + one["splits"]["val"]["shards"]:
+        assert (tmp_path / "one" / shard["file"]).read_bytes() == (
+            tmp_path / "two" / shard["file"]
+        ).read_bytes()
+
+
+def test_dtype_follows_the_vocabulary(corpus, tmp_path):
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    with pytest.raises(DataError, match=r"prepare.dtype=uint16 cannot hold a vocabulary of 70000"):
+        token_dtype(70000, "uint16")
+    data = data_config(corpus, tmp_path / "cache")
+    manifest = prepare_shards(data, prep_config(tmp_path / "wide", dtype="uint32"))
+    narrow = prepare_shards(data, prep_config(tmp_path / "narrow"))
+    assert manifest["dtype"] == "uint32"
+    wide, small = shard_corpus(tmp_path / "wide"), shard_corpus(tmp_path / "narrow")
+    assert wide.train.dtype == np.uint32 and np.array_equal(
+        wide.train[0 : len(wide.train)], small.train[0 : len(small.train)]
+    )
+    assert narrow["splits"]["train"]["tokens"] == manifest["splits"]["train"]["tokens"]
+
+
+def test_shards_made_with_another_tokenizer_are_refused(corpus, tmp_path):
+    data = data_config(corpus, tmp_path / "cache")
+    prepare_shards(data, prep_config(tmp_path / "shards"))
+    other = train_bpe(["something else entirely, " * 50], vocab_size=400)
+    other.save(tmp_path / "other.json")
+    with pytest.raises(DataError, match="made with another tokenizer"):
+        shard_corpus(tmp_path / "shards", str(tmp_path / "other.json"))
+    with pytest.raises(DataError, match=r"holds shards made with another tokenizer"):
+        prepare_shards(
+            dataclasses.replace(data, tokenizer=TokenizerConfig(path=str(tmp_path / "other.json"))),
+            prep_config(tmp_path / "shards"),
+        )
+    own = load_tokenizer(tmp_path / "shards" / "tokenizer.json")
+    assert (
+        shard_corpus(tmp_path / "shards", str(tmp_path / "shards" / "tokenizer.json")).tokenizer.digest()
+        == own.digest()
+    )
+
+
+def test_changed_settings_are_refused(corpus, tmp_path):
+    data = data_config(corpus, tmp_path / "cache")
+    prepare_shards(data, prep_config(tmp_path / "shards"))
+    with pytest.raises(DataError, match="made with other settings"):
+        prepare_shards(data, prep_config(tmp_path / "shards", shard_bytes=9000))
+
+
+def test_nothing_left_after_filtering_names_the_rules(corpus, tmp_path):
+    data = data_config(corpus, tmp_path / "cache", max_documents=5)
+    strict = dataclasses.replace(prep_config(tmp_path / "shards"), curation=web_curation())
+    strict.curation.gopher_quality.min_words = 10_000
+    with pytest.raises(
+        DataError, match=r"kept no train document of 5 read \(removed by: gopher_quality.min_words 5\)"
+    ):
+        prepare_shards(data, strict)
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_bad_input_is_named(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS[:3])
+    broken.write_text('{"text": "fine"}\n{"text": broken\n')
+    data = data_config(good, tmp_path / "cache")
+    data.paths = [str(good), str(broken)]
+    data.tokenizer = TokenizerConfig(path=None, vocab_size=400)
+    with pytest.raises(DataError, match=r"data.paths: .*broken.jsonl: could not be read"):
+        prepare_shards(data, prep_config(tmp_path / "shards"))
+    with pytest.raises(DataError, match=r"matches no file"):
+        prepare_shards(
+            data_config(tmp_path / "missing.jsonl", tmp_path / "cache"), prep_config(tmp_path / "s2")
+        )
+    with pytest.raises(DataError, match=r"prepare.dtype='int8'"):
+        prepare_shards(data_config(good, tmp_path / "cache"), prep_config(tmp_path / "s3", dtype="int8"))
+
+
+def test_manifest_is_written_last(corpus, tmp_path):
+    prepare_shards(data_config(corpus, tmp_path / "cache"), prep_config(tmp_path / "shards"))
+    folder = tmp_path / "shards"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    newest_other = max(
+        p.stat().st_mtime_ns for p in folder.iterdir() if p.name not in ("manifest.json", "report.json")
+    )
+    assert (folder / "manifest.json").stat().st_mtime_ns >= newest_other
+    assert manifest["format"] == "llmtrain-shards/1" and manifest["source"]["paths"] == [
+        str(tmp_path / "docs.jsonl")
+    ]
