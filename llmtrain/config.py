@@ -110,6 +110,8 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
+    max_flops: float | None = None
+    """A training compute budget (model FLOPs over all ranks); when set, max_steps follows from it."""
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
     precision: str = "auto"

@@ -208,6 +208,17 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
 
+        sequences = t.micro_batch_size * t.grad_accum_steps * world
+        self.flops_per_step = forward_flops(cfg.model, lengths_for(cfg)).training * sequences  # all ranks
+        if t.max_flops:  # a compute budget (IsoFLOP sweeps): as many steps as it pays for
+            t.max_steps = max(1, int(t.max_flops // self.flops_per_step))
+            self.log(
+                "trainer.max_flops=%.3g: %d steps of %.3g FLOPs",
+                t.max_flops,
+                t.max_steps,
+                self.flops_per_step,
+            )
+
         self.model = build_model(cfg.model, self.device)
         # the module to call in training (DDP wraps; FSDP shards self.model in place)
         self.forward_model = parallelize(self.model, cfg.parallel, self.dist, self.precision)
@@ -225,8 +236,6 @@ class Trainer:
                 self.scaler = torch.amp.GradScaler("cuda")
         self.step, self.tokens_seen = 0, 0
         self.grad_bytes: int | None = None
-        sequences = t.micro_batch_size * t.grad_accum_steps * world
-        self.flops_per_step = forward_flops(cfg.model, lengths_for(cfg)).training * sequences  # all ranks
         self._peak_flops: float | None = None
         self.guard = NonFiniteGuard(t.nonfinite, t.max_skips, check_grad_norm=self.precision != "fp16")
         self.spikes = SpikeDetector(t.spike_factor)

@@ -166,3 +166,10 @@ def test_throughput_metrics_are_logged_consistently(tiny_config):
         assert r["tflops_per_device"] * 1e12 == pytest.approx(corpus_tokens_per_s * per_token, rel=1e-6)
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / trainer.peak_flops, rel=1e-9)
         assert 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0.05
+
+
+def test_flop_budget_sets_the_number_of_steps(tiny_config):
+    probe = Trainer(tiny_config("decoder", "run_name=probe"))
+    budget = 5.5 * probe.flops_per_step
+    trainer = Trainer(tiny_config("decoder", f"trainer.max_flops={budget}", "trainer.sample_tokens=0"))
+    assert trainer.cfg.trainer.max_steps == 5 and trainer.fit()["steps"] == 5
