@@ -380,6 +380,8 @@ class Trainer:
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer states this rank holds, from the local tensors."""
+        if hasattr(self.model, "reshard"):  # FSDP: the root stays gathered after an eval forward; count shards
+            self.model.reshard()
         optimizer_tensors = (
             v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
         )
