@@ -174,20 +174,7 @@ class Trainer:
         if corpus is None and self.dist.is_main:
             barrier()
         tok = self.corpus.tokenizer
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = tok.vocab_size
-        elif cfg.model.vocab_size < tok.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
-                f"({self.corpus.tokenizer_path}); allowed: 0 (from the tokenizer) or >= {tok.vocab_size}"
-            )
-        for split, tokens in (("train", self.corpus.train), ("validation", self.corpus.val)):
-            if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
-                raise ConfigError(
-                    f"the {split} tokens of {getattr(tokens, 'filename', None) or cfg.data.cache_dir} hold id "
-                    f"{int(tokens.max())}, beyond model.vocab_size={cfg.model.vocab_size}; were they made with "
-                    f"another tokenizer than {self.corpus.tokenizer_path}?"
-                )
+        self._fit_vocabulary(tok)
         cfg.model.pad_token_id = tok.pad_id
         cfg.model.decoder_start_token_id = tok.pad_id
         self.objective = build_objective(cfg, tok)
@@ -226,14 +213,7 @@ class Trainer:
         self.use_autocast = self.precision != "fp32" and cfg.parallel.strategy != "fsdp"
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, zero1=cfg.parallel.zero1)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
-        self.scaler = None
-        if self.precision == "fp16":
-            if cfg.parallel.strategy == "fsdp":
-                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-                self.scaler = ShardedGradScaler()
-            else:
-                self.scaler = torch.amp.GradScaler("cuda")
+        self.scaler = self._make_scaler()
         self.step, self.tokens_seen = 0, 0
         self.grad_bytes: int | None = None
         self._peak_flops: float | None = None
@@ -252,6 +232,34 @@ class Trainer:
         self.metrics = (
             MetricsLog(cfg, self.run_dir, resolved_config, append=resumed) if self.dist.is_main else None
         )
+
+    def _fit_vocabulary(self, tok: Tokenizer) -> None:
+        """The model's vocabulary follows the tokenizer; token ids beyond it are refused naming the tokens."""
+        if self.cfg.model.vocab_size == 0:
+            self.cfg.model.vocab_size = tok.vocab_size
+        elif self.cfg.model.vocab_size < tok.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
+                f"({self.corpus.tokenizer_path}); allowed: 0 (from the tokenizer) or >= {tok.vocab_size}"
+            )
+        for split, tokens in (("train", self.corpus.train), ("validation", self.corpus.val)):
+            top = int(tokens.max()) if len(tokens) else -1
+            if top >= self.cfg.model.vocab_size:
+                raise ConfigError(
+                    f"the {split} tokens of {getattr(tokens, 'filename', None) or self.cfg.data.cache_dir} hold id "
+                    f"{top}, beyond model.vocab_size={self.cfg.model.vocab_size}; were they made with "
+                    f"another tokenizer than {self.corpus.tokenizer_path}?"
+                )
+
+    def _make_scaler(self):
+        """fp16 needs loss scaling (sharded under FSDP); bf16 and fp32 do not."""
+        if self.precision != "fp16":
+            return None
+        if self.cfg.parallel.strategy == "fsdp":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler()
+        return torch.amp.GradScaler("cuda")
 
     # -- pieces ---------------------------------------------------------------------------------------------
 
@@ -380,7 +388,9 @@ class Trainer:
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer states this rank holds, from the local tensors."""
-        if hasattr(self.model, "reshard"):  # FSDP: the root stays gathered after an eval forward; count shards
+        if hasattr(
+            self.model, "reshard"
+        ):  # FSDP: the root stays gathered after an eval forward; count shards
             self.model.reshard()
         optimizer_tensors = (
             v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
