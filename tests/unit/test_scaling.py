@@ -1,0 +1,169 @@
+"""IsoFLOP fits (Chinchilla approach 2) on synthetic sweeps drawn from a known law, and their outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from llmtrain.measure.planning import CHINCHILLA, ScalingLaw
+from llmtrain.measure.scaling import (
+    RunPoint,
+    ScalingError,
+    fit_scaling,
+    format_table,
+    load_runs,
+    plot_isoflops,
+    plot_optimal,
+)
+from tests.conftest import ROOT
+
+BUDGETS = [1e18, 1e19, 1e20, 1e21]
+
+
+def synthetic_sweep(law: ScalingLaw, budgets=BUDGETS, sizes: int = 9, noise: float = 0.005, seed: int = 0):
+    """Runs at each budget over sizes 1/4x..4x the law's optimum, D = C/6N, loss from the law plus noise."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for budget in budgets:
+        n_opt, _ = law.optimal(budget)
+        for factor in np.geomspace(0.25, 4, sizes):
+            n = n_opt * factor
+            d = budget / (6 * n)
+            points.append(
+                RunPoint(budget, n, d, law.loss(n, d) + rng.normal(0, noise), name=f"{budget:.0e}-{n:.0f}")
+            )
+    return points
+
+
+@pytest.mark.parametrize("law", [CHINCHILLA, ScalingLaw(alpha=0.5, beta=0.25)], ids=["chinchilla", "skewed"])
+def test_fit_recovers_the_exponents_of_the_law(law):
+    fit = fit_scaling(synthetic_sweep(law))
+    total = law.alpha + law.beta
+    assert fit.n_opt.exponent == pytest.approx(law.beta / total, abs=0.02)  # a = β/(α+β)
+    assert fit.d_opt.exponent == pytest.approx(law.alpha / total, abs=0.02)  # b = α/(α+β)
+    for m in fit.minima:
+        n_opt, d_opt = law.optimal(m.budget)
+        assert m.inside
+        assert m.n_opt == pytest.approx(n_opt, rel=0.1) and m.d_opt == pytest.approx(d_opt, rel=0.1)
+        assert m.loss_min == pytest.approx(law.loss(n_opt, d_opt), abs=0.01)
+
+
+def test_a_plus_b_is_one_when_every_run_spends_its_budget():
+    fit = fit_scaling(synthetic_sweep(CHINCHILLA, noise=0.0))
+    assert fit.n_opt.exponent + fit.d_opt.exponent == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bad_input_gets_a_clear_error():
+    points = synthetic_sweep(CHINCHILLA)
+    with pytest.raises(ScalingError, match="no finished runs"):
+        fit_scaling([])
+    with pytest.raises(ScalingError, match="at least 2 budgets"):
+        fit_scaling([p for p in points if p.budget == BUDGETS[0]])
+    zero = RunPoint(0.0, 1e6, 1e9, 3.0, name="broke")
+    with pytest.raises(ScalingError, match="broke: the budget must be a positive"):
+        fit_scaling([*points, zero])
+    two_sizes = [p for p in points if p.budget != BUDGETS[0]] + [p for p in points if p.budget == BUDGETS[0]][
+        :2
+    ]
+    with pytest.raises(ScalingError, match="1e\\+18 has 2 distinct model size"):
+        fit_scaling(two_sizes)
+    concave = [RunPoint(p.budget, p.n_params, p.n_tokens, -p.loss) for p in points]
+    with pytest.raises(ScalingError, match="no minimum"):
+        fit_scaling(concave)
+
+
+def test_plots_and_table_are_written(tmp_path):
+    points = synthetic_sweep(CHINCHILLA, budgets=BUDGETS[:3], sizes=5)
+    fit = fit_scaling(points)
+    for path in (plot_isoflops(points, fit, tmp_path / "iso.png"), plot_optimal(fit, tmp_path / "opt.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    table = format_table(points, fit)
+    assert table.count("\n| 1e+19 |") == 5 + 1 and "N_opt ∝ C^" in table
+
+
+def write_run(run_dir, budget, d_model, loss, steps=10, family="decoder"):
+    """A run directory as the trainer leaves it: config.json, result.json, metrics.jsonl."""
+    run_dir.mkdir(parents=True)
+    config = {
+        "model": {"family": family, "d_model": d_model, "n_layers": 2, "n_heads": 2, "vocab_size": 0},
+        "data": {"seq_len": 32, "tokenizer": {"vocab_size": 256}},
+        "trainer": {"max_flops": budget, "micro_batch_size": 4},
+    }
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "result.json").write_text(json.dumps({"val_loss": loss, "val_bpb": loss / 2, "steps": steps}))
+    records = [{"step": s, "loss": loss + 1, "tokens": s * 128} for s in range(5, steps + 1, 5)]
+    records.append({"step": steps, "val_loss": loss, "val_bpb": loss / 2})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_runs_are_read_from_their_directories(tmp_path):
+    write_run(tmp_path / "a", 1e9, 32, 3.0, steps=10)
+    (tmp_path / "unfinished").mkdir()
+    points, skipped = load_runs([tmp_path / "a", tmp_path / "unfinished"])
+    assert len(points) == 1 and "unfinished is not a finished run" in skipped[0]
+    (point,) = points
+    assert point.budget == 1e9 and point.loss == 3.0 and point.name == "a"
+    assert point.n_tokens == 10 * 128  # the tokens the trainer logged
+    from llmtrain.config import to_dataclass
+    from llmtrain.measure.shapes import model_config_for, parameter_count
+
+    cfg = to_dataclass(json.loads((tmp_path / "a" / "config.json").read_text()))
+    assert (
+        point.n_params == parameter_count(model_config_for(cfg)) and model_config_for(cfg).vocab_size == 256
+    )
+
+
+def run_script(name, *args, capsys=None):
+    """A script's main() in this process (no torch import per call): (exit code, stderr)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_fit_script_errors_name_the_problem(tmp_path, capsys):
+    code, err = run_script("fit_scaling.py", tmp_path / "nothing-*", "--out", tmp_path / "out", capsys=capsys)
+    assert code == 2 and "no run directories match" in err
+    for i, d_model in enumerate((32, 48, 64)):
+        write_run(tmp_path / f"one-{d_model}", 1e9, d_model, 3.0 + 0.1 * (i - 1) ** 2)
+    code, err = run_script("fit_scaling.py", tmp_path / "one-*", "--out", tmp_path / "out", capsys=capsys)
+    assert code == 2 and "at least 2 budgets" in err
+    write_run(tmp_path / "zero", 0, 32, 3.0)
+    code, err = run_script("fit_scaling.py", tmp_path / "zero", "--strict", capsys=capsys)
+    assert code == 2 and "no positive compute budget" in err
+
+
+def test_plot_script_draws_curves(tmp_path, capsys):
+    write_run(tmp_path / "a", 1e9, 32, 3.0, steps=20)
+    write_run(tmp_path / "b", 1e9, 48, 2.8, steps=20)
+    for x in ("step", "tokens", "flops"):
+        out = tmp_path / f"curves-{x}.png"
+        code, err = run_script(
+            "plot.py", tmp_path / "a", tmp_path / "b", "--x", x, "--out", out, capsys=capsys
+        )
+        assert code == 0, err
+        assert out.stat().st_size > 5000
+    code, err = run_script("plot.py", tmp_path / "missing", "--out", tmp_path / "x.png", capsys=capsys)
+    assert code == 2 and "no run directories match" in err
+
+
+def test_a_window_around_the_best_run_fits_an_asymmetric_valley():
+    """Far from the optimum the valley is no parabola in ln N; fitting near the best run still finds it."""
+    wide = synthetic_sweep(CHINCHILLA, sizes=13, noise=0.0)  # 1/4x..4x: the grid is every 2^(1/3)
+    wide += [
+        RunPoint(
+            p.budget, p.n_params * 64, p.n_tokens / 64, CHINCHILLA.loss(p.n_params * 64, p.n_tokens / 64)
+        )
+        for p in wide
+        if p.n_params > CHINCHILLA.optimal(p.budget)[0] * 3.9
+    ]  # one far, steep size
+    local = fit_scaling(wide, neighbors=3)
+    for m in local.minima:
+        assert m.n_points == 7 and m.n_opt == pytest.approx(CHINCHILLA.optimal(m.budget)[0], rel=0.05)
+        assert m.n_max < CHINCHILLA.optimal(m.budget)[0] * 2
+    with pytest.raises(ScalingError, match="neighbors=0 must be >= 1"):
+        fit_scaling(wide, neighbors=0)
