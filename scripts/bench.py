@@ -25,6 +25,7 @@ import torch
 from llmtrain.config import TrainConfig
 from llmtrain.data import Corpus
 from llmtrain.measure.flops import forward_flops, measure_matmul_peak
+from llmtrain.measure.memory import Setup, estimate_memory
 from llmtrain.measure.shapes import lengths_for
 from llmtrain.models import ModelConfig, count_parameters
 from llmtrain.training.trainer import Trainer
@@ -81,10 +82,15 @@ class Result:
     peak_memory_gib: float
     data_wait_fraction: float
     """Share of the step the training thread spent blocked waiting for the prefetched batch."""
+    activation_checkpointing: bool = False
+    estimated_peak_gib: float = 0.0
+    """llmtrain.measure.memory's estimate of the step's peak tensor memory."""
+    tracked_peak_gib: float | None = None
+    """--track-memory: peak tensor bytes of one step seen by MemTracker (CPU; counts tensors, not the heap)."""
 
 
 def make_trainer(
-    name: str, precision: str, compile_: bool, parallel: str, batch: int | None, out: Path
+    name: str, precision: str, compile_: bool, parallel: str, batch: int | None, out: Path, ac: bool = False
 ) -> Trainer:
     model, seq_len, vocab, micro_batch = SHAPES[name]
     cfg = TrainConfig()
@@ -95,6 +101,7 @@ def make_trainer(
     cfg.trainer.precision, cfg.trainer.progress, cfg.trainer.checkpoint = precision, False, False
     cfg.trainer.max_steps, cfg.trainer.eval_batches = 10**6, 1
     cfg.parallel.strategy, cfg.parallel.compile = parallel, compile_
+    cfg.parallel.activation_checkpointing = ac
     cfg.logger.wandb, cfg.logger.jsonl = "disabled", False
     cfg.output_dir, cfg.run_name = str(out), f"{name}-{precision}-{compile_}-{parallel}"
     rng = np.random.default_rng(0)
@@ -108,10 +115,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def tracked_step_peak(trainer: Trainer) -> int:
+    """Peak tensor bytes of one training step, as torch's MemTracker sees them (parameters, gradients,
+    optimizer states, activations and temporaries of the training thread)."""
+    import warnings
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(trainer.model, trainer.optimizer)
+    with warnings.catch_warnings(), tracker:
+        warnings.simplefilter("ignore")
+        trainer.train_step()
+    return max(device["Total"] for device in tracker.get_tracker_snapshot("peak").values())
+
+
 def bench(
-    name: str, precision: str, compile_: bool, parallel: str, steps: int, warmup: int, batch, peaks, out
-):
-    trainer = make_trainer(name, precision, compile_, parallel, batch, out)
+    name: str, precision: str, compile_: bool, parallel: str, steps: int, warmup: int, batch, peaks, out,
+    ac: bool = False, track_memory: bool = False,
+):  # fmt: skip
+    trainer = make_trainer(name, precision, compile_, parallel, batch, out, ac)
     device = trainer.device
     for _ in range(warmup):
         trainer.train_step()
@@ -134,6 +157,16 @@ def bench(
         import resource
 
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    setup = Setup(
+        precision=trainer.precision,
+        activation_checkpointing=ac,
+        grad_accum_steps=trainer.cfg.trainer.grad_accum_steps,
+        optimizer="fused",  # llmtrain uses fused AdamW on CUDA and CPU
+    )
+    estimate = estimate_memory(
+        trainer.cfg.model, lengths_for(trainer.cfg), trainer.cfg.trainer.micro_batch_size, setup
+    )
+    tracked = tracked_step_peak(trainer) if track_memory else None
     return Result(
         shape=name,
         precision=precision,
@@ -148,6 +181,9 @@ def bench(
         mfu_datasheet=flops / datasheet if datasheet and precision == "bf16" else None,
         peak_memory_gib=memory / 2**30,
         data_wait_fraction=(trainer.batches.wait_seconds - waited) / steps / seconds,
+        activation_checkpointing=ac,
+        estimated_peak_gib=estimate.peak / 2**30,
+        tracked_peak_gib=tracked / 2**30 if tracked is not None else None,
     )
 
 
@@ -166,6 +202,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: per shape)")
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each block in backward"
+    )
+    parser.add_argument(
+        "--track-memory", action="store_true", help="also run one step under MemTracker (peak tensor bytes)"
+    )
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args()
 
@@ -185,7 +227,8 @@ def main() -> None:
         for name in args.shapes:
             for precision in args.precisions:
                 r = bench(
-                    name, precision, args.compile, args.parallel, args.steps, args.warmup, args.batch, peaks, Path(out)
+                    name, precision, args.compile, args.parallel, args.steps, args.warmup, args.batch, peaks, Path(out),
+                    args.activation_checkpointing, args.track_memory,
                 )  # fmt: skip
                 results.append(r)
                 sheet = f"{r.mfu_datasheet:6.1%}" if r.mfu_datasheet is not None else "     -"
@@ -193,7 +236,13 @@ def main() -> None:
                     f"{r.shape:14s} {r.precision:5s} compile={r.compile!s:5s} {r.parallel:6s} {r.params_m:7.1f}M "
                     f"b={r.micro_batch:<3d} {r.step_ms:9.1f} ms {r.tokens_per_s:10.0f} tok/s {r.tflops:8.3f} TFLOP/s "
                     f"MFU(measured) {r.mfu_measured_peak:6.1%} MFU(datasheet) {sheet} "
-                    f"mem {r.peak_memory_gib:6.2f} GiB data {r.data_wait_fraction:5.1%}",
+                    f"mem {r.peak_memory_gib:6.2f} GiB data {r.data_wait_fraction:5.1%} ac={r.activation_checkpointing!s:5s} "
+                    f"estimated peak {r.estimated_peak_gib:.3f} GiB"
+                    + (
+                        f" tracked peak {r.tracked_peak_gib:.3f} GiB"
+                        if r.tracked_peak_gib is not None
+                        else ""
+                    ),
                     flush=True,
                 )
     if main_rank:

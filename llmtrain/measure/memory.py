@@ -38,8 +38,8 @@ residual stream); in backward one block at a time is rebuilt, and its activation
 it (at its MLP: 3f + 2h wide when gated, 2f + 2h for GELU) come on top of the inputs.
 
 The step peaks either at the start of the backward pass (states + activations + loss gradients) or during
-the optimizer step (states + gradients, + the sqrt(v) buffer of foreach AdamW; fused AdamW, llmtrain's on
-CUDA, needs none); gradients are freed by `zero_grad(set_to_none=True)`, so they add to the first peak only
+the optimizer step (states + gradients, + the sqrt(v) buffer of foreach AdamW; fused AdamW, llmtrain's on CUDA and
+CPU, needs none); gradients are freed by `zero_grad(set_to_none=True)`, so they add to the first peak only
 under gradient accumulation. Not counted: dropout masks (dropout defaults to 0), padding masks, the gradient
 of T5's bias (transient, (B, heads, T, T) for one block), the CUDA context and allocator fragmentation
 (leave a reserve: `usable_fraction` where a GPU is fitted), DDP's gradient buckets (none with
@@ -124,7 +124,7 @@ class Setup:
     grad_accum_steps: int = 1
     """Above 1, gradients stay allocated across the forward passes of a step."""
     optimizer: str = "fused"
-    """AdamW implementation: fused (llmtrain on CUDA; no temporaries) | foreach (on CPU; one sqrt(v) buffer)."""
+    """AdamW implementation: fused (llmtrain, on CUDA and CPU; no temporaries) | foreach (one sqrt(v) buffer)."""
 
 
 def sharding_factor(setup: Setup) -> int:

@@ -22,8 +22,8 @@ def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device_type: str, zero1: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW (fp32 states); zero1 shards its states over the data-parallel ranks (ZeroRedundancyOptimizer)."""
-    # fused kernels on CUDA; foreach (multi-tensor) elsewhere: both avoid a Python loop over parameters
-    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    # fused kernels on CUDA and CPU (on this 2-core CPU 10 ms vs foreach's 68 ms for 23M parameters)
+    fast = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
     groups = param_groups(model, cfg.weight_decay)
     kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **fast}
     if not zero1:
