@@ -101,7 +101,7 @@ def parallelize(model: nn.Module, parallel, info: DistInfo, precision: str) -> n
             parallel.cpu_offload,
         )
         return model
-    if parallel.strategy == "ddp" and info.distributed:
+    if info.distributed:  # ddp, or `single` launched by torchrun on several ranks: replicas must stay in sync
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     return model

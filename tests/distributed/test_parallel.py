@@ -69,6 +69,7 @@ def reference(corpus_file, cache_dir, tmp_path_factory):
     ("name", "nproc", "micro_batch", "extra"),
     [
         ("ddp", 2, 4, ["parallel=ddp"]),
+        ("single_under_torchrun", 2, 4, []),  # the default parallel=single becomes DDP on several ranks
         ("ddp_accum", 2, 2, ["parallel=ddp", "trainer.grad_accum_steps=2"]),
         ("ddp_zero1", 2, 4, ["parallel=ddp", "parallel.zero1=true"]),
         ("fsdp", 2, 4, ["parallel=fsdp"]),
