@@ -24,6 +24,7 @@ import torch
 
 from llmtrain.config import TrainConfig
 from llmtrain.data import Corpus
+from llmtrain.distributed.env import destroy
 from llmtrain.measure.flops import forward_flops, measure_matmul_peak
 from llmtrain.measure.memory import Setup, estimate_memory
 from llmtrain.measure.shapes import lengths_for
@@ -245,6 +246,7 @@ def main() -> None:
                     ),
                     flush=True,
                 )
+    destroy()
     if main_rank:
         Path(args.json).write_text(
             json.dumps({"peaks": peaks, "results": [asdict(r) for r in results]}, indent=1)

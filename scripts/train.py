@@ -14,6 +14,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from llmtrain.cli import setup_logging
 from llmtrain.config import ConfigError, register_configs, to_dataclass, validate
 from llmtrain.data import DataError
+from llmtrain.distributed.env import destroy
 from llmtrain.models import ModelConfigError
 
 register_configs()
@@ -33,6 +34,8 @@ def main(dict_cfg: DictConfig) -> None:
     except (ConfigError, ModelConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        destroy()  # an undestroyed process group can abort the interpreter at exit
 
 
 if __name__ == "__main__":
