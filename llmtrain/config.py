@@ -81,6 +81,9 @@ class DataConfig:
     """Fraction of documents held out for validation (chosen by a hash of the document, so stable)."""
     seq_len: int = 256
     """Tokens per sequence the model sees (the encoder's length for encoder_decoder)."""
+    document_attention: bool = False
+    """Packed windows hold several documents (each ends with EOS): attend only within a token's own
+    document (block-diagonal masks for all three objectives, cross-attention included), not across."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shards: str | None = None
     """A prepared shard directory (scripts/prepare_data.py): train from its memory-mapped tokens and tokenizer."""

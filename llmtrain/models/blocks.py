@@ -247,18 +247,31 @@ class Stack(nn.Module):
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
 
     def self_attention_mask(
-        self, attention_mask: torch.Tensor | None, T: int, past: int | None, device: torch.device
+        self,
+        attention_mask: torch.Tensor | None,
+        T: int,
+        past: int | None,
+        device: torch.device,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """None (SDPA's own causal flag, or no mask), bool (B|1, 1, T, past+T) or float with the relative bias.
 
         past is None without a KV cache, else the number of positions the cache holds before this call.
+        document_ids (B, T): tokens attend only within their own document (packed windows).
         """
-        if past is not None and attention_mask is not None:
-            raise ValueError("attention_mask is not supported with a KV cache; pass equal-length prompts")
+        if past is not None and (attention_mask is not None or document_ids is not None):
+            raise ValueError(
+                "attention_mask and document_ids are not supported with a KV cache; pass equal-length prompts"
+            )
         if past:  # the T queries are the last T of past + T keys
             mask = causal_mask(T, past + T, device)[None, None] if self.causal else None
         else:
             mask = padding_to_attn_mask(attention_mask, T, self.causal)
+        if document_ids is not None:  # block-diagonal; each token is in its own block, so no row is empty
+            same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, T, T)
+            if mask is None and self.causal:
+                mask = causal_mask(T, T, device)[None, None]
+            mask = same if mask is None else mask & same
         if self.relative_bias is None:
             return mask
         past = past or 0
@@ -274,8 +287,13 @@ class Stack(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
+        context_document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """With a cache, input_ids continue the cache.length positions it holds (incremental decoding)."""
+        """With a cache, input_ids continue the cache.length positions it holds (incremental decoding).
+
+        document_ids (B, T) and context_document_ids (B, S): document-aware attention in packed windows;
+        a query attends to keys (and cross-attends to context positions) of its own document only."""
         T, device = input_ids.shape[1], input_ids.device
         past = cache.length if cache is not None else None
         x = self.embed(input_ids)  # (B, T, d)
@@ -287,8 +305,11 @@ class Stack(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
-        mask = self.self_attention_mask(attention_mask, T, past, device)
+        mask = self.self_attention_mask(attention_mask, T, past, device, document_ids)
         cross_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
+        if document_ids is not None and context_document_ids is not None:
+            same = document_ids[:, None, :, None] == context_document_ids[:, None, None, :]  # (B, 1, T, S)
+            cross_mask = same if cross_mask is None else cross_mask & same
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             x = layer(x, mask=mask, context=context, context_mask=cross_mask, cache=layer_cache)

@@ -26,9 +26,12 @@ class DecoderLM(LanguageModel):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids (B, T); labels (B, T) already shifted (labels[t] is the token after input_ids[t])."""
-        logits = self.head(self.decoder(input_ids, attention_mask=attention_mask))  # (B, T, V)
+        """input_ids (B, T); labels (B, T) already shifted (labels[t] is the token after input_ids[t]);
+        document_ids (B, T) restrict attention to each token's own document (packed windows)."""
+        h = self.decoder(input_ids, attention_mask=attention_mask, document_ids=document_ids)
+        logits = self.head(h)  # (B, T, V)
         if labels is None:
             return ModelOutput(logits)
         loss, n = lm_loss(logits, labels)

@@ -25,10 +25,12 @@ class EncoderMLM(LanguageModel):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Without labels, logits for every position; with labels, the head runs only where a label is set
-        (about 15% of positions), as ModernBERT does, and logits are (N, V) for those N positions."""
-        h = self.encoder(input_ids, attention_mask=attention_mask)  # (B, T, d)
+        (about 15% of positions), as ModernBERT does, and logits are (N, V) for those N positions.
+        document_ids (B, T) restrict attention to each token's own document (packed windows)."""
+        h = self.encoder(input_ids, attention_mask=attention_mask, document_ids=document_ids)  # (B, T, d)
         if labels is None:
             return ModelOutput(self.head(h))
         selected = labels != IGNORE_INDEX

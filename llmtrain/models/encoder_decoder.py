@@ -28,8 +28,13 @@ class EncoderDecoderLM(LanguageModel):
     def n_residual_layers(self) -> int:
         return self.cfg.n_layers + self.cfg.decoder_layers
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encoder(input_ids, attention_mask=attention_mask)  # (B, S, d)
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask=attention_mask, document_ids=document_ids)  # (B, S, d)
 
     def decode(
         self,
@@ -38,15 +43,21 @@ class EncoderDecoderLM(LanguageModel):
         attention_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
+        decoder_document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V). With a cache (from new_cache), decoder_input_ids continue the positions it
-        holds and the encoder output is projected to keys/values once, on the first call."""
+        holds and the encoder output is projected to keys/values once, on the first call. With document
+        ids, decoder position t (which predicts target t, of document decoder_document_ids[t]) attends to
+        decoder positions and cross-attends to encoder positions of that document only."""
         h = self.decoder(
             decoder_input_ids,
             attention_mask=decoder_attention_mask,
             context=encoded,
             context_mask=attention_mask,
             cache=cache,
+            document_ids=decoder_document_ids,
+            context_document_ids=document_ids,
         )
         return self.head(h)  # (B, T, V)
 
@@ -60,10 +71,22 @@ class EncoderDecoderLM(LanguageModel):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        decoder_document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids (B, S) to the encoder; decoder_input_ids (B, T) are labels shifted right by one."""
+        """input_ids (B, S) to the encoder; decoder_input_ids (B, T) are labels shifted right by one.
+        document_ids (B, S) / decoder_document_ids (B, T): document-aware attention in packed windows
+        (both or neither)."""
+        if (document_ids is None) != (decoder_document_ids is None):
+            raise ValueError("pass both document_ids and decoder_document_ids, or neither")
+        encoded = self.encode(input_ids, attention_mask, document_ids)
         logits = self.decode(
-            decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask, decoder_attention_mask
+            decoder_input_ids,
+            encoded,
+            attention_mask,
+            decoder_attention_mask,
+            document_ids=document_ids,
+            decoder_document_ids=decoder_document_ids,
         )
         if labels is None:
             return ModelOutput(logits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmtrain.models.heads import IGNORE_INDEX
+from llmtrain.objectives.documents import document_ids
 
 
 class MaskedLM:
@@ -19,6 +20,7 @@ class MaskedLM:
         select_rate: float = 0.15,
         mask_rate: float = 0.8,
         random_rate: float = 0.1,
+        document_eos_id: int | None = None,
     ):
         if not 0 < select_rate < 1:
             raise ValueError(f"objective.select_rate={select_rate} must be in (0, 1)")
@@ -30,6 +32,7 @@ class MaskedLM:
         self.seq_len = self.raw_length = seq_len
         self.target_length = seq_len
         self.vocab_size, self.mask_token_id = vocab_size, mask_token_id
+        self.document_eos_id = document_eos_id  # set: emit document_ids for document-aware attention
         self.select_rate, self.mask_rate, self.random_rate = select_rate, mask_rate, random_rate
         self.special = torch.tensor(sorted(set(special_token_ids)), dtype=torch.long)
         # random replacements are drawn from ordinary tokens only
@@ -55,4 +58,7 @@ class MaskedLM:
         input_ids = torch.where(to_mask, torch.full_like(tokens, self.mask_token_id), tokens)
         input_ids = torch.where(to_random, random_ids, input_ids)
         labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
-        return {"input_ids": input_ids, "labels": labels}
+        batch = {"input_ids": input_ids, "labels": labels}
+        if self.document_eos_id is not None:
+            batch["document_ids"] = document_ids(tokens, self.document_eos_id)
+        return batch

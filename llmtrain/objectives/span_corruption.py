@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmtrain.models.heads import IGNORE_INDEX
+from llmtrain.objectives.documents import document_ids
 
 
 def span_lengths(
@@ -62,6 +63,7 @@ class SpanCorruption:
         noise_density: float = 0.15,
         mean_noise_span_length: float = 3.0,
         targets_length: int | None = None,
+        document_attention: bool = False,
     ):
         if not 0 < noise_density < 1:
             raise ValueError(f"objective.noise_density={noise_density} must be in (0, 1)")
@@ -90,6 +92,7 @@ class SpanCorruption:
         self.targets_pad = self.target_length - targets_out
         self.sentinels = torch.tensor(sentinel_ids[: self.num_noise_spans], dtype=torch.long)
         self.eos, self.start, self.pad = eos_token_id, decoder_start_token_id, pad_token_id
+        self.document_attention = document_attention
 
     def noise_mask(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Bool (raw_length,): alternating non-noise / noise spans, starting with non-noise (as T5)."""
@@ -99,29 +102,55 @@ class SpanCorruption:
         is_noise = torch.tensor([False, True]).repeat(self.num_noise_spans)
         return is_noise.repeat_interleave(lengths)
 
-    def corrupt(self, tokens: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def corrupt(
+        self, tokens: torch.Tensor, noise: torch.Tensor, documents: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """One window -> (inputs, targets). Each noise span becomes the next sentinel in the inputs; the
-        targets are each sentinel followed by its span's tokens. Both end with EOS."""
+        targets are each sentinel followed by its span's tokens. Both end with EOS.
+
+        With `documents` (the window's document ids) also (input_documents, target_documents): a kept token
+        keeps its document; a span's sentinel and all its tokens take the document the span starts in, so
+        every target token has its sentinel among the encoder tokens of its own document (a span that runs
+        over a document boundary is predicted from the first document's context)."""
         span_start = noise & ~torch.cat([torch.tensor([False]), noise[:-1]])
         sentinel_at = self.sentinels[(span_start.cumsum(0) - 1).clamp(min=0)]  # sentinel of the current span
 
-        def interleave(first_keep: torch.Tensor, second_keep: torch.Tensor) -> torch.Tensor:
+        def interleave(
+            values: torch.Tensor, first_keep: torch.Tensor, second_keep: torch.Tensor
+        ) -> torch.Tensor:
             # at each position: optionally its span's sentinel, then optionally the token itself
-            values = torch.stack([sentinel_at, tokens], dim=1).reshape(-1)
-            return values[torch.stack([first_keep, second_keep], dim=1).reshape(-1)]
+            return values.reshape(-1)[torch.stack([first_keep, second_keep], dim=1).reshape(-1)]
 
         eos = torch.tensor([self.eos])
-        inputs = interleave(span_start, ~noise)
-        targets = interleave(span_start, noise)
-        return torch.cat([inputs, eos]), torch.cat([targets, eos])
+        values = torch.stack([sentinel_at, tokens], dim=1)
+        inputs = torch.cat([interleave(values, span_start, ~noise), eos])
+        targets = torch.cat([interleave(values, span_start, noise), eos])
+        if documents is None:
+            return inputs, targets
+        positions = torch.arange(len(tokens))
+        start_of_span = torch.cummax(torch.where(span_start, positions, 0), dim=0).values
+        doc = torch.where(noise, documents[start_of_span], documents)
+        doc_values = torch.stack([doc, doc], dim=1)
+        input_docs = interleave(doc_values, span_start, ~noise)
+        target_docs = interleave(doc_values, span_start, noise)
+        input_docs = torch.cat([input_docs, input_docs[-1:]])  # the final EOS: the last document's
+        target_docs = torch.cat([target_docs, target_docs[-1:]])
+        return inputs, targets, input_docs, target_docs
 
     def __call__(
         self, windows: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """windows (B, raw_length) -> input_ids (B, seq_len), decoder_input_ids and labels (B, target_length)."""
-        inputs, targets = zip(*(self.corrupt(w, self.noise_mask(generator)) for w in windows))
-        input_ids, labels = torch.stack(inputs), torch.stack(targets)
+        docs = document_ids(windows, self.eos) if self.document_attention else [None] * len(windows)
+        parts = list(zip(*(self.corrupt(w, self.noise_mask(generator), d) for w, d in zip(windows, docs))))
+        input_ids, labels = torch.stack(parts[0]), torch.stack(parts[1])
         batch = {}
+        if self.document_attention:
+            # padding takes the last document's id; the attention mask keeps it out of every real row
+            batch["document_ids"] = F.pad(torch.stack(parts[2]), (0, self.inputs_pad), mode="replicate")
+            batch["decoder_document_ids"] = F.pad(
+                torch.stack(parts[3]), (0, self.targets_pad), mode="replicate"
+            )
         if self.inputs_pad:  # only when no raw length maps exactly onto seq_len
             batch["attention_mask"] = F.pad(
                 torch.ones_like(input_ids, dtype=torch.bool), (0, self.inputs_pad)

@@ -47,8 +47,9 @@ LN2 = math.log(2)
 
 def build_objective(cfg: TrainConfig, tokenizer: Tokenizer):
     o, seq_len = cfg.objective, cfg.data.seq_len
+    eos = tokenizer.eos_id if cfg.data.document_attention else None
     if o.name == "clm":
-        return CausalLM(seq_len)
+        return CausalLM(seq_len, document_eos_id=eos)
     if o.name == "mlm":
         return MaskedLM(
             seq_len,
@@ -58,6 +59,7 @@ def build_objective(cfg: TrainConfig, tokenizer: Tokenizer):
             o.select_rate,
             o.mask_rate,
             o.random_rate,
+            document_eos_id=eos,
         )
     return SpanCorruption(
         seq_len,
@@ -68,6 +70,7 @@ def build_objective(cfg: TrainConfig, tokenizer: Tokenizer):
         o.noise_density,
         o.mean_noise_span_length,
         o.targets_length,
+        document_attention=cfg.data.document_attention,
     )
 
 

@@ -173,3 +173,17 @@ def test_flop_budget_sets_the_number_of_steps(tiny_config):
     budget = 5.5 * probe.flops_per_step
     trainer = Trainer(tiny_config("decoder", f"trainer.max_flops={budget}", "trainer.sample_tokens=0"))
     assert trainer.cfg.trainer.max_steps == 5 and trainer.fit()["steps"] == 5
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_document_attention_trains_every_family(tiny_config, model):
+    """data.document_attention=true: the objective emits document ids, the model masks across documents, and
+    the family still learns the corpus (packed windows of several templated documents)."""
+    cfg = tiny_config(model, "trainer.max_steps=30", "data.document_attention=true")
+    trainer = Trainer(cfg)
+    raw = trainer.objective.raw_length
+    windows = torch.as_tensor(trainer.corpus.train[: 64 * raw].astype("int64")).view(64, raw)
+    batch = trainer.objective(windows, torch.Generator().manual_seed(0))
+    assert batch["document_ids"].max() >= 1  # some windows hold more than one document
+    result = trainer.fit()
+    assert result["val_loss"] < result["initial_val_loss"] - 1.0, result
