@@ -109,6 +109,27 @@ def test_unknown_extension_is_named(tmp_path):
         list(iter_documents(files_config([path], tmp_path)))
 
 
+def test_unreadable_parquet_is_named_and_nothing_is_written(tmp_path):
+    """A truncated .parquet among good ones: the error names that file, and prepare_data leaves no shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmtrain.data.shards import PrepareConfig, prepare_shards
+
+    good, bad = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": DOCS[:20]}), good)
+    pq.write_table(pa.table({"text": DOCS[20:40]}), bad)
+    bad.write_bytes(bad.read_bytes()[:-40])  # footer cut off
+    cfg = files_config([good, bad], tmp_path)
+    with pytest.raises(DataError, match=r"data.paths: .*b.parquet: could not be read"):
+        list(iter_documents(cfg))
+    cfg.tokenizer = TokenizerConfig(vocab_size=400, train_bytes=10**6)
+    out = tmp_path / "shards"
+    with pytest.raises(DataError, match=r"b.parquet: could not be read"):
+        prepare_shards(cfg, PrepareConfig(output_dir=str(out), workers=1))
+    assert not list(out.glob("*.bin")) and not (out / "manifest.json").exists()
+
+
 def test_split_is_by_document_and_stable():
     flags = [is_validation(d, 0.2) for d in DOCS]
     assert flags == [is_validation(d, 0.2) for d in DOCS]
