@@ -67,41 +67,73 @@ class StopRequest:
 
 
 class NonFiniteGuard:
-    """Checks loss and gradient norm before optimizer.step, on every rank alike (one host sync per step).
+    """Checks loss and gradient norm before optimizer.step, on every rank alike.
 
     mode "error" stops the run naming the step; "skip" drops the update with a warning, at most max_skips
     times, then stops. Under fp16 an overflowing gradient is the scaler's business (it skips the step
     itself), so only the loss is checked there.
+
+    Two ways to use it. `bad()` + `handle()` decide on the host: one sync per step. With an optimizer whose
+    step takes a `found_inf` tensor (fused AdamW, as GradScaler uses it), `flag()` + `defer()` decide on the
+    device: the optimizer skips the update itself, and `check()`, called where the loop syncs anyway (logging,
+    evaluation, checkpoints), raises or warns, naming the first bad step. In "error" mode every update from
+    the first bad step on is skipped, so the weights are those before it when the run stops.
     """
 
     def __init__(self, mode: str = "error", max_skips: int = 3, check_grad_norm: bool = True):
         self.mode, self.max_skips, self.check_grad_norm = mode, max_skips, check_grad_norm
         self.skipped = 0
+        self.pending: torch.Tensor | None = None  # bad steps since the last check(), on the device
+        self.first_bad: torch.Tensor | None = None
 
-    def bad(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """True when any rank's loss (or the global gradient norm) is not finite."""
+    def flag(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """A 0-dim float32 on the loss's device, agreed by all ranks: 1.0 when any rank's loss (or the global
+        gradient norm) is not finite, else 0.0. No host sync."""
         flags = [~torch.isfinite(loss.detach().float())]
         if self.check_grad_norm and grad_norm is not None:
-            flags.append(~torch.isfinite(grad_norm.detach().float()))
+            flags.append(~torch.isfinite(grad_norm.detach().float().to(loss.device)))
         count = all_reduce_sum(torch.stack(flags).float().sum().reshape(1))
-        return count.item() > 0
+        return (count > 0).float().reshape(())
 
-    def handle(self, step: int) -> None:
-        """Called when bad(): raise, or count a skip."""
+    def bad(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """True when any rank's loss (or the global gradient norm) is not finite (a host sync)."""
+        return self.flag(loss, grad_norm).item() > 0
+
+    def defer(self, flag: torch.Tensor, step: int) -> torch.Tensor:
+        """Record step's flag on the device; returns the optimizer's found_inf (1.0: skip this update)."""
+        if self.pending is None:
+            self.pending = torch.zeros((), device=flag.device)
+            self.first_bad = torch.zeros((), dtype=torch.long, device=flag.device)
+        self.first_bad = torch.where((self.pending == 0) & (flag > 0), step, self.first_bad)
+        self.pending += flag
+        return (self.pending > 0).float() if self.mode == "error" else flag
+
+    def check(self) -> None:
+        """Read what defer() recorded (one host sync) and raise or warn as handle() would."""
+        if self.pending is None:
+            return
+        bad_steps, first = int(self.pending.item()), int(self.first_bad.item())
+        self.pending.zero_()
+        if bad_steps:
+            self.handle(first, bad_steps)
+
+    def handle(self, step: int, bad_steps: int = 1) -> None:
+        """Called when bad(): raise, or count a skip. step is the (first) bad step."""
         if self.mode == "error":
             raise NonFiniteError(
                 f"non-finite loss or gradient norm at step {step}; the update was not applied. Lower optim.lr, "
                 "check the data, or set trainer.nonfinite=skip to skip such steps"
             )
-        self.skipped += 1
+        self.skipped += bad_steps
         if self.skipped > self.max_skips:
             raise NonFiniteError(
                 f"non-finite loss or gradient norm at step {step}: more than trainer.max_skips={self.max_skips} "
                 "steps skipped; stopping"
             )
         log.warning(
-            "non-finite loss or gradient norm at step %d: update skipped (%d/%d)",
+            "non-finite loss or gradient norm at step %d%s: update skipped (%d/%d)",
             step,
+            f" and {bad_steps - 1} later step(s)" if bad_steps > 1 else "",
             self.skipped,
             self.max_skips,
         )

@@ -221,6 +221,11 @@ class Trainer:
         self.grad_bytes: int | None = None
         self._peak_flops: float | None = None
         self.guard = NonFiniteGuard(t.nonfinite, t.max_skips, check_grad_norm=self.precision != "fp16")
+        # fused AdamW takes found_inf (as under GradScaler): the guard's verdict stays on the device and the
+        # optimizer skips a bad update itself, so a step needs no host sync; others decide on the host
+        self.guard_on_device = self.scaler is None and getattr(
+            self.optimizer, "_step_supports_amp_scaling", False
+        )
         self.spikes = SpikeDetector(t.spike_factor)
 
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -309,6 +314,7 @@ class Trainer:
         bits per byte = summed nats / ln 2 / UTF-8 bytes of the predicted tokens, so runs with different
         tokenizers compare. The objective's randomness (MLM masks, spans) is fixed for every evaluation.
         """
+        self.guard.check()  # never evaluate (or save) weights of a run that should have stopped
         self.model.eval()
         rng = torch.Generator().manual_seed(self.cfg.seed + 1 + self.dist.rank)
         self.val_loader.load_state_dict({"epoch": 0, "windows": 0})
@@ -352,7 +358,10 @@ class Trainer:
             self.grad_norm = self.grad_norm.full_tensor()
         if self.grad_bytes is None:  # measured once, while the gradients exist
             self.grad_bytes = local_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
-        if self.guard.bad(total, self.grad_norm):  # agreed by all ranks: all skip, or none
+        if self.guard_on_device:  # agreed by all ranks; read back at the next log, eval or checkpoint
+            self.optimizer.found_inf = self.guard.defer(self.guard.flag(total, self.grad_norm), self.step + 1)
+            self.optimizer.step()
+        elif self.guard.bad(total, self.grad_norm):  # agreed by all ranks: all skip, or none
             self.guard.handle(self.step + 1)
             if self.scaler:
                 self.scaler.update()  # lowers the scale after an overflow
@@ -423,6 +432,7 @@ class Trainer:
         return rng
 
     def save(self) -> Path:
+        self.guard.check()
         path = save_checkpoint(
             self.run_dir,
             self.step,
@@ -548,6 +558,7 @@ class Trainer:
             if progress:
                 progress.update(1)
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                self.guard.check()  # the non-finite verdicts of the steps since the last check
                 elapsed = time.perf_counter() - window_start
                 mean_loss = all_reduce_sum(window_loss / window_steps) / self.dist.world_size
                 record = {

@@ -76,3 +76,50 @@ def test_spike_detector():
     assert spikes.update(9.0)  # more than twice the running mean (~4.1)
     assert not spikes.update(3.4)
     assert not SpikeDetector(factor=0).update(1e9)
+
+
+def test_deferred_guard_names_the_first_bad_step_and_skips_from_there():
+    guard = NonFiniteGuard("error")
+    ok, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    assert guard.defer(guard.flag(ok, ok), 1).item() == 0
+    assert guard.defer(guard.flag(nan, ok), 2).item() == 1
+    assert guard.defer(guard.flag(ok, ok), 3).item() == 1  # error mode: nothing after the first bad step
+    with pytest.raises(NonFiniteError, match="at step 2"):
+        guard.check()
+
+
+def test_deferred_guard_counts_skips_until_max_skips():
+    guard = NonFiniteGuard("skip", max_skips=2)
+    ok, inf = torch.tensor(1.0), torch.tensor(float("inf"))
+    assert [guard.defer(guard.flag(ok, g), s).item() for s, g in enumerate((ok, inf, ok, inf), 1)] == [
+        0,
+        1,
+        0,
+        1,
+    ]
+    guard.check()  # two skips: allowed
+    assert guard.skipped == 2
+    guard.check()  # nothing new
+    guard.defer(guard.flag(inf, ok), 9)
+    with pytest.raises(NonFiniteError, match="at step 9: more than trainer.max_skips=2"):
+        guard.check()
+
+
+def test_fused_adamw_found_inf_skips_the_update_and_the_step_count():
+    """What the trainer relies on: fused AdamW with found_inf=1 leaves weights, moments and step alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))
+    opt.found_inf = torch.ones(())
+    opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    for p, m in zip(model.parameters(), moments):
+        assert torch.equal(opt.state[p]["exp_avg"], m) and opt.state[p]["step"].item() == 1
