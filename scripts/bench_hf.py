@@ -3,8 +3,9 @@
     python scripts/bench_hf.py                         # BERT and T5 v1.1 shapes, fp32 and bf16 autocast
     python scripts/bench_hf.py --layers 4 --width 256 --seq 128 --batch 8 --reps 5 --steps 3
 
-One step = forward + backward + gradient clipping + AdamW (foreach, as llmtrain's CPU optimizer), on both
-sides. llmtrain runs its real Trainer.train_step (objective, prefetching loader, autocast) on the `model=bert`
+One step = forward + backward + gradient clipping + AdamW (llmtrain's `build_optimizer`: fused on CPU), on
+both sides. `--compile` compiles llmtrain's blocks (`parallel.compile=true`, as a user would train);
+`--compile-hf` also compiles the Hugging Face model (`torch.compile(model)`), for the like-for-like figure. llmtrain runs its real Trainer.train_step (objective, prefetching loader, autocast) on the `model=bert`
 and `model=t5` presets shrunk to the given shape; Hugging Face runs `BertForMaskedLM` (SDPA attention) and
 `T5ForConditionalGeneration` with `feed_forward_proj="gated-gelu"` (v1.1) on a prepared batch of the same
 shape (MLM labels on 15% of positions; span-corruption lengths from llmtrain's objective). Repetitions are
@@ -60,6 +61,7 @@ def llmtrain_trainer(preset: str, precision: str, args, out: Path) -> Trainer:
         "logger.jsonl=false",
         f"output_dir={out}",
         f"run_name={preset}-{precision}",
+        f"parallel.compile={str(args.compile).lower()}",
     ]
     if preset == "t5":
         overrides.append(f"model.n_decoder_layers={args.layers}")
@@ -110,11 +112,12 @@ class HFStep:
             }
         self.model.train()
         self.optimizer = build_optimizer(self.model, trainer.cfg.optim, "cpu")
+        self.forward = torch.compile(self.model) if args.compile_hf else self.model
         self.precision, self.grad_clip = precision, trainer.cfg.optim.grad_clip
 
     def train_step(self) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            loss = self.model(**self.batch).loss
+            loss = self.forward(**self.batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
@@ -141,6 +144,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--steps", type=int, default=3, help="steps per repetition")
+    parser.add_argument("--compile", action="store_true", help="llmtrain: parallel.compile=true")
+    parser.add_argument("--compile-hf", action="store_true", help="torch.compile the Hugging Face model too")
     parser.add_argument("--json", default="bench_hf.json")
     args = parser.parse_args()
     if args.threads:
@@ -153,7 +158,8 @@ def main() -> None:
             for precision in args.precisions:
                 trainer = llmtrain_trainer(preset, precision, args, Path(out))
                 hf = HFStep(preset, precision, trainer, args)
-                trainer.train_step(), hf.train_step()  # warm-up: allocator, autocast caches, optimizer states
+                for _ in range(2 if args.compile or args.compile_hf else 1):  # warm-up (and compilation)
+                    trainer.train_step(), hf.train_step()  # allocator, autocast caches, optimizer states
                 pairs[preset, precision] = (trainer, hf)
         times = {key: ([], []) for key in pairs}
         for _ in range(args.reps):
@@ -162,7 +168,8 @@ def main() -> None:
                 times[key][1].append(timed(hf.train_step, args.steps))
         print(
             f"CPU threads {torch.get_num_threads()}; {args.layers} layers x {args.width}, seq {args.seq}, "
-            f"batch {args.batch}; median of {args.reps} interleaved repetitions of {args.steps} steps"
+            f"batch {args.batch}; median of {args.reps} interleaved repetitions of {args.steps} steps; "
+            f"compiled: llmtrain {args.compile}, HF {args.compile_hf}"
         )
         for (preset, precision), (trainer, hf) in pairs.items():
             ours, theirs = (statistics.median(t) for t in times[preset, precision])
