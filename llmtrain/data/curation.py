@@ -15,10 +15,14 @@ Words, in the fast backend, are runs of letters and digits; "tokens" are whitesp
 departures from C4's code: a line is stripped again after its citation markers are removed (C4 drops
 "A fact. [1]" because it then ends in a space).
 
-Near-duplicates: MinHash signatures of word n-grams; an LSH index (bands x rows chosen for the configured Jaccard
-threshold) proposes earlier documents sharing a band, and a candidate counts as a duplicate when the signatures
-agree on at least `threshold` of their values (the MinHash estimate of Jaccard similarity). The first of a
-duplicate group is kept, so the outcome depends only on document order, which the pipeline keeps fixed.
+Near-duplicates: MinHash signatures of word n-grams; LSH (bands x rows chosen for the configured Jaccard
+threshold) makes one 64-bit key per band, and documents sharing a key (or a content digest, for exact dedup)
+are candidate pairs, verified on the signatures' agreement (the MinHash estimate of Jaccard similarity) >=
+`threshold`. A greedy pass in document order then removes a document that equals or near-duplicates an
+earlier KEPT one (each document is compared with the first PAIRS_PER_MEMBER members of each group it shares),
+so the first of a duplicate group is kept and the outcome depends only on document order, which the pipeline
+keeps fixed. `find_duplicates` works on sorted runs of keys merged one key-range partition at a time: its
+memory is bounded whatever the corpus size (llmtrain/data/shards.py stages the runs on disk).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -310,7 +315,8 @@ class TextView:
         starts = visible & ~np.concatenate([[False], visible[:-1]])
         n_tokens = int(np.count_nonzero(starts))
         token_of = np.cumsum(starts)  # 1-based token number of each character
-        letter_tokens = np.unique(token_of[self.alpha]).size
+        letters = token_of[self.alpha]  # non-decreasing: distinct values = 1 + the steps
+        letter_tokens = int(np.count_nonzero(letters[1:] != letters[:-1])) + 1 if len(letters) else 0
         return n_tokens, letter_tokens
 
 
@@ -510,7 +516,11 @@ def c4_rule(text: str, cfg: C4Config) -> tuple[str | None, str | None, int]:
         if not line:
             continue  # blank lines are layout, not content: neither kept nor counted
         words = line.split()
-        if cfg.max_word_length is not None and any(len(w) > cfg.max_word_length for w in words):
+        if (
+            cfg.max_word_length is not None
+            and len(line) > cfg.max_word_length  # (no word is longer than its line: skip the scan)
+            and max(map(len, words)) > cfg.max_word_length
+        ):
             dropped += 1
             continue
         if cfg.remove_citations:  # then strip again: "a fact. [1]" keeps its line (C4 itself would drop it)
@@ -642,18 +652,24 @@ def shingles(text: str, n: int, view: TextView | None = None) -> np.ndarray:
     ids = (view or TextView(text)).word_hashes
     if not len(ids):
         return np.zeros(0, dtype=np.uint64)
+    return np.unique(_shingle_hashes(ids, n))
+
+
+def _shingle_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """The n-gram hashes of shingles(), repeats included (the minimum over them is the same)."""
     grams = _ngram_hashes(ids, min(n, len(ids)))
-    grams ^= grams >> np.uint64(31)  # spread the bits before the multiply-shift permutations
+    grams = grams ^ (grams >> np.uint64(31))  # spread the bits before the multiply-shift permutations
     grams *= MIX
-    return np.unique(grams)
+    return grams
 
 
 def minhash(text: str, cfg: DedupConfig, view: TextView | None = None) -> np.ndarray | None:
     """uint32[num_perm] signature (None for a document without words): per permutation h(x) = (a*x + b) >> 32
     (multiply-shift), the minimum over the document's shingles."""
-    grams = shingles(text, cfg.ngram, view)
-    if not len(grams):
+    ids = (view or TextView(text)).word_hashes
+    if not len(ids):
         return None
+    grams = _shingle_hashes(ids, cfg.ngram)
     a, b = _permutations(cfg.num_perm, cfg.seed)
     lowest = np.full(cfg.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
     for start in range(0, len(grams), 2048):  # bounded temporaries for long documents
@@ -694,44 +710,174 @@ class DatatroveSignatures:
         return out
 
 
-class NearDuplicateIndex:
-    """LSH over MinHash signatures, verified by the signature agreement (estimated Jaccard)."""
-
-    def __init__(self, cfg: DedupConfig):
-        self.threshold = cfg.threshold
-        self.bands, self.rows = lsh_bands(cfg.threshold, cfg.num_perm)
-        self.buckets: list[dict[bytes, int]] = [{} for _ in range(self.bands)]
-        self.signatures = np.zeros((1024, cfg.num_perm), dtype=np.uint32)
-        self.size = 0
-
-    def _keys(self, signature: np.ndarray) -> list[bytes]:
-        r = self.rows
-        return [signature[i * r : (i + 1) * r].tobytes() for i in range(self.bands)]
-
-    def find(self, signature: np.ndarray) -> int | None:
-        """Index of an earlier document this one duplicates, or None."""
-        seen: set[int] = set()
-        for bucket, key in zip(self.buckets, self._keys(signature)):
-            other = bucket.get(key)
-            if other is None or other in seen:
-                continue
-            seen.add(other)
-            if np.mean(self.signatures[other] == signature) >= self.threshold:
-                return other
-        return None
-
-    def add(self, signature: np.ndarray) -> int:
-        if self.size == len(self.signatures):
-            self.signatures = np.concatenate([self.signatures, np.zeros_like(self.signatures)])
-        self.signatures[self.size] = signature
-        for bucket, key in zip(self.buckets, self._keys(signature)):
-            bucket.setdefault(key, self.size)
-        self.size += 1
-        return self.size - 1
-
-
 def content_digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+
+# -- deduplication: sorted group keys, candidate pairs, verification, first-kept-wins --------------------
+# Nothing here grows with the corpus in memory: every document contributes a few fixed-size records (its
+# content digest; one 64-bit key per LSH band), kept sorted per run (one run per chunk, on disk in the
+# pipeline); the runs are merged one key-range partition at a time, and the verdicts are one byte per
+# document (memory-mapped in the pipeline).
+
+EXACT, NEAR = 1, 2
+"""Verdicts besides 0 (kept): removed as an exact or as a near duplicate."""
+PAIRS_PER_MEMBER = 16
+"""A document sharing a group key (digest, LSH band) is compared with at most this many of the group's first
+members: bounded work on huge groups (boilerplate copied thousands of times), where the first members decide."""
+PARTITION_RECORDS = 2_000_000
+"""Records (key, document) merged and sorted at once: the bound on the dedup's working memory (~100 MB)."""
+
+
+def lsh_keys(signatures: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """uint64[n, bands]: one key per LSH band (its rows hashed, the band number mixed in, so bands never share
+    a key); equal keys = equal band rows, up to a 2**-64 collision that the verification catches."""
+    bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
+    n = len(signatures)
+    s = np.ascontiguousarray(signatures[:, : bands * rows]).reshape(n, bands, rows).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.broadcast_to(np.arange(1, bands + 1, dtype=np.uint64) * MIX, (n, bands)).copy()
+        for r in range(rows):
+            h ^= s[:, :, r]
+            h *= _GRAM_MIX
+            h ^= h >> np.uint64(29)
+    return h
+
+
+def digest_keys(digests: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(digests), dtype=np.uint64).copy() if digests else np.zeros(0, np.uint64)
+
+
+def sorted_run(keys: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, local document numbers) sorted by key then document, from keys[n] or keys[n, bands] (rows where
+    `present` is False, e.g. documents without a signature, left out)."""
+    keys = keys.reshape(len(keys), -1)
+    docs = np.repeat(np.arange(len(keys), dtype=np.uint32), keys.shape[1])
+    flat = keys.ravel()
+    if present is not None:
+        keep = np.repeat(present, keys.shape[1])
+        flat, docs = flat[keep], docs[keep]
+    order = np.lexsort((docs, flat))
+    return flat[order], docs[order]
+
+
+@dataclass
+class KeyRun:
+    """One run of sorted records (arrays or memory maps) and the global number of its first document."""
+
+    keys: np.ndarray
+    docs: np.ndarray
+    offset: int
+
+
+def _group_pairs(keys: np.ndarray, docs: np.ndarray, limit: int) -> np.ndarray:
+    """uint64 codes (i << 32 | j), i < j, pairing each member of a group of equal keys with each of the group's
+    first `limit` earlier members."""
+    if len(keys) < 2:
+        return np.zeros(0, dtype=np.uint64)
+    index = np.arange(len(keys))
+    start = np.maximum.accumulate(np.where(np.concatenate([[True], keys[1:] != keys[:-1]]), index, 0))
+    rank = index - start
+    codes = []
+    for t in range(min(limit, int(rank.max()))):
+        sel = np.flatnonzero(rank > t)
+        i, j = docs[start[sel] + t].astype(np.uint64), docs[sel].astype(np.uint64)
+        codes.append((np.minimum(i, j) << np.uint64(32)) | np.maximum(i, j))
+    return np.unique(np.concatenate(codes)) if codes else np.zeros(0, dtype=np.uint64)
+
+
+def _partition_pairs(runs: list[KeyRun], budget: int, limit: int):
+    """Candidate pair codes, one key-range partition at a time (each partition's records merged and sorted
+    alone, so memory is bounded by `budget` records whatever the corpus size)."""
+    total = sum(len(r.keys) for r in runs)
+    parts = max(1, -(-total // budget))
+    bounds = [p * 2**64 // parts for p in range(parts + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        keys, docs = [], []
+        for run in runs:
+            a = int(np.searchsorted(run.keys, np.uint64(lo), "left"))
+            b = len(run.keys) if hi >= 2**64 else int(np.searchsorted(run.keys, np.uint64(hi), "left"))
+            if b > a:
+                keys.append(np.asarray(run.keys[a:b]))
+                docs.append(np.asarray(run.docs[a:b]).astype(np.uint64) + np.uint64(run.offset))
+        if keys:
+            k, d = np.concatenate(keys), np.concatenate(docs)
+            order = np.argsort(k, kind="stable")  # runs come in document order, each sorted by (key, doc)
+            yield _group_pairs(k[order], d[order], limit)
+
+
+def find_duplicates(
+    n_docs: int,
+    exact_runs: list[KeyRun],
+    near_runs: list[KeyRun],
+    signatures,
+    threshold: float,
+    verdicts: np.ndarray | None = None,
+    budget: int = PARTITION_RECORDS,
+    limit: int = PAIRS_PER_MEMBER,
+    workdir: Path | None = None,
+) -> np.ndarray:
+    """uint8 verdict per document in stream order: 0 kept, EXACT, NEAR. Greedy in document order: a document
+    is removed when it equals (same digest), or near-duplicates (signature agreement >= threshold), an earlier
+    KEPT document sharing its digest or one of its LSH band keys (among that group's first `limit` members).
+    `signatures(indices)` returns the signature rows of those documents; `verdicts` (e.g. a memory map) receives
+    the result; with `workdir` the verified pairs wait there (filed by range of documents) for the greedy pass,
+    which settles one range of `budget` documents at a time."""
+    verdicts = np.zeros(n_docs, dtype=np.uint8) if verdicts is None else verdicts
+    verdicts[:] = 0
+    span = max(budget, 1)  # documents per range of the greedy pass; verified pairs are filed by range of j
+    ranges: dict[int, list] = {}
+
+    def file(codes: np.ndarray, kind: int) -> None:
+        r = (codes & np.uint64(0xFFFFFFFF)) // np.uint64(span)
+        for value in np.unique(r).tolist():
+            part = codes[r == value]
+            if workdir is None:
+                ranges.setdefault(value, []).append((part, kind))
+            else:
+                with open(workdir / f"pairs-{value:05d}-{kind}.u64", "ab") as f:
+                    part.tofile(f)
+                ranges.setdefault(value, [])
+
+    for kind, runs in ((EXACT, exact_runs), (NEAR, near_runs)):
+        for codes in _partition_pairs(runs, budget, limit):
+            if kind == NEAR:
+                keep = np.zeros(len(codes), dtype=bool)
+                for s in range(0, len(codes), 65536):
+                    block = codes[s : s + 65536]
+                    a, b = signatures(block >> np.uint64(32)), signatures(block & np.uint64(0xFFFFFFFF))
+                    keep[s : s + 65536] = (a == b).mean(axis=1) >= threshold
+                codes = codes[keep]
+            if len(codes):
+                file(codes, kind)
+    for value in sorted(ranges):
+        if workdir is None:
+            parts = ranges[value]
+        else:
+            parts = []
+            for kind in (EXACT, NEAR):
+                path = workdir / f"pairs-{value:05d}-{kind}.u64"
+                if path.is_file():
+                    parts.append((np.fromfile(path, dtype=np.uint64), kind))
+                    path.unlink()
+        codes = np.concatenate([c for c, _ in parts])
+        kinds = np.concatenate([np.full(len(c), k, dtype=np.uint8) for c, k in parts])
+        i, j = codes >> np.uint64(32), codes & np.uint64(0xFFFFFFFF)
+        lo = value * span
+        order = np.lexsort((kinds, j))  # by document, exact before near
+        i, j, kinds = i[order].astype(np.int64), j[order].astype(np.int64), kinds[order]
+        before = i < lo  # settled in an earlier range
+        earlier = np.zeros(len(i), dtype=np.uint8)
+        earlier[before] = verdicts[i[before]]
+        local = np.zeros(min(span, n_docs - lo), dtype=np.uint8).tolist()
+        for a, b, kind, settled, old in zip(
+            i.tolist(), (j - lo).tolist(), kinds.tolist(), before.tolist(), earlier.tolist()
+        ):
+            # every i < j is settled when j's pairs come: greedy, first kept document wins
+            if local[b] == 0 and (old if settled else local[a - lo]) == 0:
+                local[b] = kind
+        verdicts[lo : lo + len(local)] = np.array(local, dtype=np.uint8)
+    return verdicts
 
 
 # -- report -----------------------------------------------------------------------------------------------
@@ -912,6 +1058,7 @@ class Curator:
             stats["normalize"].cpu_seconds += time.process_time() - t0
             size = len(text.encode("utf-8"))
             view = None  # built on first use, shared by the rules until a rule changes the text
+            words_view = None  # a view whose words are the text's, after a change that kept them
             for stage in FILTER_STAGES:
                 s = stats[stage]
                 if stage not in self.stages:
@@ -930,6 +1077,14 @@ class Curator:
                     break
                 new_size = size if kept is text else len(kept.encode("utf-8"))
                 if kept is not text:
+                    # C4 that dropped only blank lines and line-end spaces leaves every word as it was: the
+                    # view's words (all MinHash reads) still hold
+                    same_words = (
+                        stage == "c4" and dropped == 0 and view is not None and self.datatrove is None
+                    )
+                    if same_words and self.cfg.c4.remove_citations:
+                        same_words = CITATION.search(text) is None
+                    words_view = view if same_words else None
                     view = None
                 _count(s, size, new_size)
                 text, size = kept, new_size
@@ -939,7 +1094,7 @@ class Curator:
             t0 = time.process_time()
             digest = content_digest(text) if self.cfg.dedup.exact else None
             t1 = time.process_time()
-            signature = self.signature(text, view) if self.cfg.dedup.near else None
+            signature = self.signature(text, view or words_view) if self.cfg.dedup.near else None
             stats["exact_dedup"].cpu_seconds += t1 - t0
             stats["near_dedup"].cpu_seconds += time.process_time() - t1
             out.append(Curated(text, digest, signature))
@@ -954,55 +1109,54 @@ def _count(s: StageStats, size_in: int, size_out: int | None) -> None:
         s.bytes_out += size_out
 
 
-class Deduplicator:
-    """Exact (content hash) and near (MinHash LSH) deduplication in document order; first one wins."""
+def count_verdicts(stats: dict[str, StageStats], sizes: np.ndarray, verdicts: np.ndarray) -> None:
+    """Count documents (of `sizes` bytes) with these verdicts into stats["exact_dedup"] and ["near_dedup"]."""
+    exact, near = stats["exact_dedup"], stats["near_dedup"]
+    sizes = np.asarray(sizes, dtype=np.int64)
+    is_exact, is_near = verdicts == EXACT, verdicts == NEAR
+    total, exact_bytes, near_bytes = int(sizes.sum()), int(sizes[is_exact].sum()), int(sizes[is_near].sum())
+    n_exact, n_near = int(is_exact.sum()), int(is_near.sum())
+    exact.docs_in += len(sizes)
+    exact.bytes_in += total
+    exact.docs_out += len(sizes) - n_exact
+    exact.bytes_out += total - exact_bytes
+    near.docs_in += len(sizes) - n_exact
+    near.bytes_in += total - exact_bytes
+    near.docs_out += len(sizes) - n_exact - n_near
+    near.bytes_out += total - exact_bytes - near_bytes
+    if n_exact:
+        exact.removed["exact_dedup.exact"] += n_exact
+    if n_near:
+        near.removed["near_dedup.threshold"] += n_near
 
-    def __init__(self, cfg: DedupConfig):
-        self.cfg = cfg
-        self.digests: set[bytes] = set()
-        self.index = NearDuplicateIndex(cfg) if cfg.near else None
 
-    def check(self, doc: Curated, size: int, stats: dict[str, StageStats]) -> bool:
-        """True to keep (and remember) the document; counts it in stats["exact_dedup"] / ["near_dedup"]."""
-        exact, near = stats["exact_dedup"], stats["near_dedup"]
-        t0 = time.process_time()
-        duplicate = self.cfg.exact and doc.digest in self.digests
-        t1 = time.process_time()
-        exact.cpu_seconds += t1 - t0
-        _count(exact, size, None if duplicate else size)
-        if duplicate:
-            exact.removed["exact_dedup.exact"] += 1
-            return False
-        duplicate = (
-            self.index is not None
-            and doc.signature is not None
-            and self.index.find(doc.signature) is not None
-        )
-        near.cpu_seconds += time.process_time() - t1
-        _count(near, size, None if duplicate else size)
-        if duplicate:
-            near.removed["near_dedup.threshold"] += 1
-            return False
-        self.remember(doc.digest, doc.signature)
-        return True
-
-    def remember(self, digest: bytes | None, signature: np.ndarray | None) -> None:
-        if digest is not None:
-            self.digests.add(digest)
-        if self.index is not None and signature is not None:
-            self.index.add(signature)
+def deduplicate(docs: list[Curated], cfg: DedupConfig) -> np.ndarray:
+    """Verdicts (0 kept, EXACT, NEAR) for documents held in memory, in order (see find_duplicates)."""
+    exact_runs, near_runs, table = [], [], None
+    if cfg.exact and docs:
+        exact_runs.append(KeyRun(*sorted_run(digest_keys([d.digest for d in docs])), 0))
+    if cfg.near and docs:
+        present = np.array([d.signature is not None for d in docs])
+        table = np.zeros((len(docs), cfg.num_perm), dtype=np.uint32)
+        if present.any():
+            table[present] = np.stack([d.signature for d in docs if d.signature is not None])
+        near_runs.append(KeyRun(*sorted_run(lsh_keys(table, cfg), present), 0))
+    return find_duplicates(
+        len(docs), exact_runs, near_runs, lambda rows: table[rows.astype(np.int64)], cfg.threshold
+    )
 
 
 def curate(texts, cfg: CurationConfig) -> tuple[list[str], Report]:
     """Curate an in-memory collection in one process: the kept texts (in order) and the report."""
-    curator, dedup, report = Curator(cfg), Deduplicator(cfg.dedup), Report()
+    curator, report = Curator(cfg), Report()
     t0, c0 = time.perf_counter(), time.process_time()
     results, stats = curator.process(list(texts))
     report.merge(stats)
-    kept = [
-        doc.text
-        for doc in results
-        if doc is not None and dedup.check(doc, len(doc.text.encode("utf-8")), report.stages)
-    ]
+    docs = [doc for doc in results if doc is not None]
+    c1 = time.process_time()
+    verdicts = deduplicate(docs, cfg.dedup)
+    count_verdicts(report.stages, np.array([len(d.text.encode("utf-8")) for d in docs]), verdicts)
+    report.stages["near_dedup"].cpu_seconds += time.process_time() - c1
+    kept = [doc.text for doc, v in zip(docs, verdicts.tolist()) if v == 0]
     report.wall_seconds, report.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return kept, report

@@ -6,15 +6,27 @@ Layout of a shard set (one directory):
     train-00000.bin  .idx       tokens (uint16 when the vocabulary fits, else uint32), each document followed by
     val-00000.bin    .idx       EOS; .idx holds each document's end offset (uint64), so boundaries are known
     chunk-00000.json            a finished chunk: its files, counts and report (written after its shards)
-    chunk-00000.dedup.npz       what deduplication remembers of it (content digests, MinHash signatures)
     manifest.json               written last: without it the set is incomplete and nothing reads it
     report.json
 
-The input stream is cut into chunks of `prepare.shard_bytes` raw bytes; chunk k makes train-k and val-k. A
-restarted run reads the stream again, skips every chunk whose chunk-k.json exists (restoring its dedup state
-from chunk-k.dedup.npz) and continues with the first unfinished one. Workers normalise, filter, hash and
-tokenise batches in parallel; the main process deduplicates in document order and writes, so the output does
-not depend on the number of workers.
+Three passes, each restartable; memory does not grow with the corpus:
+
+1. Stream. The input is cut into chunks of `prepare.shard_bytes` raw bytes. Workers normalise, filter, hash
+   (content digest, MinHash signature) and tokenise batches (tiktoken when it reproduces the byte-level BPE,
+   see PrepareConfig.tokenizer_backend); the main process stages each chunk: stage-k.bin/.idx (the tokens of
+   every document that passed the filters), its signatures (stage-k.sig.npy), its digests and LSH band keys
+   each sorted with the document numbers (stage-k.exact-*.npy, stage-k.near-*.npy), then stage-k.json. No
+   dedup state is held while streaming: a chunk's memory goes when it is staged.
+2. Deduplicate (curation.find_duplicates). The sorted runs are merged one key-range partition at a time
+   (memory-mapped, PARTITION_RECORDS records at once), equal keys give candidate pairs, near pairs are verified
+   on the memory-mapped signatures, and a greedy pass in document order keeps a document unless it equals or
+   near-duplicates an earlier KEPT one: one verdict byte per document, memory-mapped, in dedup-verdicts.u8
+   (with dedup.json: the chunks' document offsets).
+3. Finish. Chunk k's train-k and val-k shards are the kept documents' token ranges copied from its staging
+   files (no tokenising again); then chunk-k.json, then its staging files are deleted.
+
+A restarted run skips staged chunks while reading the stream again (and the stream altogether once dedup.json
+exists), then finishes the chunks without chunk-k.json. The output does not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +52,17 @@ from llmtrain.data.curation import (
     STAGES,
     CurationConfig,
     Curator,
-    Deduplicator,
+    DedupConfig,
+    KeyRun,
     Report,
     StageStats,
     check_curation_config,
     content_digest,
+    count_verdicts,
+    digest_keys,
+    find_duplicates,
+    lsh_keys,
+    sorted_run,
 )
 from llmtrain.data.loader import Corpus
 from llmtrain.data.sources import DataError, fingerprint, is_validation, iter_documents
@@ -70,12 +89,19 @@ class PrepareConfig:
     """Worker processes for normalisation, filters, hashing and tokenisation; 0: one per CPU core."""
     dtype: str = "auto"
     """auto (uint16 when the vocabulary fits, else uint32) | uint16 | uint32."""
+    tokenizer_backend: str = "auto"
+    """auto | tiktoken | tokenizers: who encodes. auto: tiktoken when it is installed and reproduces the byte-level
+    BPE (same ids on a probe text, and on every 32nd document, checked as the run goes), else tokenizers."""
     tokenizer_sample_bytes: int | None = None
     """Without data.tokenizer.path: train the byte-level BPE on this many curated bytes (null: data.tokenizer.train_bytes)."""
 
 
 def check_prepare_config(prep: PrepareConfig) -> None:
     check_curation_config(prep.curation, "prepare.curation")
+    if prep.tokenizer_backend not in ("auto", "tiktoken", "tokenizers"):
+        raise DataError(
+            f"prepare.tokenizer_backend={prep.tokenizer_backend!r} is not allowed; allowed: auto, tiktoken, tokenizers"
+        )
     if prep.dtype not in ("auto", "uint16", "uint32"):
         raise DataError(f"prepare.dtype={prep.dtype!r} is not allowed; allowed: auto, uint16, uint32")
     for name in ("shard_bytes", "batch_bytes"):
@@ -121,53 +147,160 @@ def settings_key(data: DataConfig, prep: PrepareConfig, tokenizer: Tokenizer) ->
 
 # -- workers ----------------------------------------------------------------------------------------------
 
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+"""The regex of tokenizers' ByteLevel pre-tokenizer (use_regex=True), in tiktoken's spelling."""
+TIKTOKEN_CHECK_EVERY = 32
+"""With tiktoken, every document whose content hash is 0 modulo this is also encoded by `tokenizers` and
+compared; a difference stops the run (prepare.tokenizer_backend=tokenizers then avoids tiktoken)."""
+TIKTOKEN_PROBE = (
+    "Hello, world! It's 3.14 — naïve café's “quotes” isn't we'll they've I'm you'd  double  spaces\n\n\n"
+    "\ttabs\t\tand\r\nCRLF 中文字符 日本語 한국어 emoji 👍🏽 e\u0301 ﬁ ligature ÅΩ 12345 1,000,000 x=y+1;"
+    "   trailing   \n  \u00a0nbsp\u2009thin \u3000ideographic <eos> <pad><extra_id_0> <mask>s 'S 'LL\n"
+    "def f(a, b):\n    return {'k': [1, 2]}  # comment\n\n\n    \n"
+)
+
+
+def tiktoken_encoding(tokenizer: Tokenizer):
+    """The tokenizer as a tiktoken Encoding, or None where it cannot be the same tokenizer (tiktoken missing,
+    not a plain byte-level BPE with the GPT-2 regex, a normaliser, odd added tokens), or where it encodes
+    TIKTOKEN_PROBE differently. Added tokens become tiktoken special tokens, found in the text as `tokenizers`
+    finds them."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    spec = json.loads(tokenizer.hf.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    plain = (
+        model.get("type") == "BPE"
+        and not model.get("dropout")
+        and not model.get("byte_fallback")
+        and not model.get("continuing_subword_prefix")
+        and not model.get("end_of_word_suffix")
+        and spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space")
+        and all(
+            not (t.get("lstrip") or t.get("rstrip") or t.get("single_word")) for t in spec["added_tokens"]
+        )
+    )
+    if not plain:
+        return None
+    decode = {c: b for b, c in _bytes_to_unicode().items()}
+    added = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    try:
+        ranks = {bytes(decode[c] for c in s): i for s, i in model["vocab"].items() if s not in added}
+        encoding = tiktoken.Encoding(
+            f"llmtrain-{tokenizer.digest()}",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=added,
+        )
+    except (KeyError, ValueError):
+        return None
+    if _tiktoken_ids(encoding, TIKTOKEN_PROBE) != tokenizer.encode(TIKTOKEN_PROBE):
+        return None
+    return encoding
+
+
+def _tiktoken_ids(encoding, text: str) -> list[int]:
+    return encoding.encode(text, allowed_special="all")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what the ByteLevel vocabulary is spelled in)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 _worker: dict = {}
 
 
-def _init_worker(curation: CurationConfig, tokenizer_json: str, val_fraction: float, dtype: str) -> None:
+def _init_worker(
+    curation: CurationConfig,
+    tokenizer_json: str,
+    val_fraction: float,
+    dtype: str,
+    backend: str = "tokenizers",
+) -> None:
     from tokenizers import Tokenizer as HFTokenizer
 
+    tokenizer = Tokenizer(HFTokenizer.from_str(tokenizer_json))
     _worker.update(
         curator=Curator(curation),
-        tokenizer=Tokenizer(HFTokenizer.from_str(tokenizer_json)),
+        tokenizer=tokenizer,
+        tiktoken=tiktoken_encoding(tokenizer) if backend == "tiktoken" else None,
         val_fraction=val_fraction,
         dtype=np.dtype(dtype),
     )
 
 
 @dataclass
-class _Doc:
-    """One curated, tokenised document (its text stays in the worker)."""
+class _Batch:
+    """The documents of one batch that passed the filters, tokenised (their texts stay in the worker)."""
 
-    digest: bytes | None
-    signature: np.ndarray | None
-    split: str
-    size: int
     tokens: np.ndarray
+    """Every document's tokens followed by EOS, one after another."""
+    lengths: np.ndarray
+    val: np.ndarray
+    sizes: np.ndarray
+    """UTF-8 bytes of each curated document."""
+    digests: np.ndarray
+    signatures: np.ndarray
+    """uint32[documents, num_perm]; all-zero rows where a document has none (has_signature False)."""
+    has_signature: np.ndarray
 
 
-def _work(texts: list[str]) -> tuple[list[_Doc | None], dict[str, StageStats]]:
+def _work(texts: list[str]) -> tuple[_Batch, dict[str, StageStats]]:
     curator, tokenizer = _worker["curator"], _worker["tokenizer"]
     curated, stats = curator.process(texts)
     kept = [doc for doc in curated if doc is not None]
     t0 = time.process_time()
-    encoded = _encode([doc.text for doc in kept], tokenizer) if kept else []
+    encoded = _encode([doc.text for doc in kept], tokenizer, _worker.get("tiktoken"))
     stats["tokenize"] = StageStats(cpu_seconds=time.process_time() - t0)
     dtype, eos = _worker["dtype"], tokenizer.eos_id
-    tokens = iter(encoded)
-    out: list[_Doc | None] = []
-    for doc in curated:
-        if doc is None:
-            out.append(None)
-            continue
-        split = "val" if is_validation(doc.text, _worker["val_fraction"]) else "train"
-        ids = np.array([*next(tokens), eos], dtype=dtype)
-        out.append(_Doc(doc.digest, doc.signature, split, len(doc.text.encode("utf-8")), ids))
-    return out, stats
+    lengths = np.array([len(ids) + 1 for ids in encoded], dtype=np.int64)
+    tokens = np.full(int(lengths.sum()), eos, dtype=dtype)
+    ends = np.cumsum(lengths)
+    for ids, end, n in zip(encoded, ends.tolist(), lengths.tolist()):
+        tokens[end - n : end - 1] = ids
+    cfg = curator.cfg.dedup
+    signatures = np.zeros((len(kept), cfg.num_perm if cfg.near else 0), dtype=np.uint32)
+    has_signature = np.array([doc.signature is not None for doc in kept], dtype=bool)
+    for row, doc in enumerate(kept):
+        if doc.signature is not None:
+            signatures[row] = doc.signature
+    batch = _Batch(
+        tokens=tokens,
+        lengths=lengths,
+        val=np.array([is_validation(doc.text, _worker["val_fraction"]) for doc in kept], dtype=bool),
+        sizes=np.array([len(doc.text.encode("utf-8")) for doc in kept], dtype=np.int64),
+        digests=digest_keys([doc.digest for doc in kept]) if cfg.exact else np.zeros(0, np.uint64),
+        signatures=signatures,
+        has_signature=has_signature,
+    )
+    return batch, stats
 
 
-def _encode(texts: list[str], tokenizer: Tokenizer) -> list[list[int]]:
-    """Token ids without offsets (encode_batch_fast, tokenizers >= 0.20, skips computing them)."""
+def _encode(texts: list[str], tokenizer: Tokenizer, encoding=None) -> list[list[int]]:
+    """Token ids without offsets: tiktoken when given (checked against `tokenizers` on a sample of documents
+    chosen by content), else tokenizers' encode_batch_fast (>= 0.20: skips computing offsets)."""
+    if encoding is not None:
+        out = [_tiktoken_ids(encoding, t) for t in texts]
+        for text, ids in zip(texts, out):
+            if zlib.crc32(text.encode("utf-8")) % TIKTOKEN_CHECK_EVERY == 0 and ids != tokenizer.encode(text):
+                raise DataError(
+                    "tiktoken and tokenizers encode a document differently (its first 80 characters: "
+                    f"{text[:80]!r}); set prepare.tokenizer_backend=tokenizers"
+                )
+        return out
     fast = getattr(tokenizer.hf, "encode_batch_fast", None)
     if fast is None:
         return tokenizer.encode_batch(texts)
@@ -193,60 +326,68 @@ def _atomic_tofile(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_save(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _stage_name(chunk: int, part: str) -> str:
+    return f"stage-{chunk:05d}.{part}"
+
+
+STAGE_PARTS = ("bin", "idx", "val.npy", "sizes.npy", "sig.npy", "exact-keys.npy", "exact-docs.npy",
+               "near-keys.npy", "near-docs.npy")  # fmt: skip
+
+
 class _ChunkWriter:
-    def __init__(self, folder: Path, chunk: int, dtype: np.dtype):
-        self.folder, self.chunk, self.dtype = folder, chunk, dtype
-        self.parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        self.digests: list[bytes] = []
-        self.signatures: list[np.ndarray] = []
+    """Stages one chunk: the tokens of every document that passed the filters, and what deduplication needs
+    (digests and LSH band keys sorted, signatures), so the chunk's memory goes with it."""
+
+    def __init__(self, folder: Path, chunk: int, dtype: np.dtype, dedup: DedupConfig):
+        self.folder, self.chunk, self.dtype, self.dedup = folder, chunk, dtype, dedup
+        self.batches: list[_Batch] = []
         self.stats = {name: StageStats() for name in SHARD_STAGES}
 
-    def add(self, doc: _Doc) -> None:
-        self.parts[doc.split].append(doc.tokens)
-        if doc.digest is not None:
-            self.digests.append(doc.digest)
-        if doc.signature is not None:
-            self.signatures.append(doc.signature)
-        s = self.stats["tokenize"]
-        s.docs_in, s.docs_out, s.bytes_in, s.bytes_out = (
-            s.docs_in + 1,
-            s.docs_out + 1,
-            s.bytes_in + doc.size,
-            s.bytes_out + doc.size,
-        )
+    def add(self, batch: _Batch) -> None:
+        self.batches.append(batch)
 
     def finish(self, settings: str) -> dict:
-        files = {}
-        for split, parts in self.parts.items():
-            if not parts:
-                continue
-            name = f"{split}-{self.chunk:05d}"
-            ends = np.cumsum([len(p) for p in parts], dtype=np.uint64)
-            tokens = np.concatenate(parts)
-            _atomic_tofile(tokens, self.folder / f"{name}.bin")
-            _atomic_tofile(ends, self.folder / f"{name}.idx")
-            files[split] = {
-                "file": f"{name}.bin",
-                "index": f"{name}.idx",
-                "tokens": int(ends[-1]),
-                "documents": len(parts),
-                "max_id": int(tokens.max()),
-            }
-        dedup_path = self.folder / f"chunk-{self.chunk:05d}.dedup.npz"
-        tmp = dedup_path.with_name(f".{dedup_path.name}.tmp{os.getpid()}.npz")
-        np.savez(
-            tmp,
-            digests=np.frombuffer(b"".join(self.digests), dtype=np.uint64),
-            signatures=np.stack(self.signatures) if self.signatures else np.zeros((0, 0), dtype=np.uint32),
+        def joined(name: str, empty: np.ndarray) -> np.ndarray:
+            parts = [getattr(b, name) for b in self.batches]
+            return np.concatenate(parts) if parts else empty
+
+        tokens = joined("tokens", np.zeros(0, self.dtype)).astype(self.dtype, copy=False)
+        lengths = joined("lengths", np.zeros(0, np.int64))
+        signatures = joined(
+            "signatures", np.zeros((0, self.dedup.num_perm if self.dedup.near else 0), np.uint32)
         )
-        os.replace(tmp, dedup_path)
+        has_signature = joined("has_signature", np.zeros(0, bool))
+        digests = joined("digests", np.zeros(0, np.uint64))
+        name = lambda part: self.folder / _stage_name(self.chunk, part)  # noqa: E731
+        _atomic_tofile(tokens, name("bin"))
+        _atomic_tofile(np.cumsum(lengths, dtype=np.uint64), name("idx"))
+        _atomic_save(joined("val", np.zeros(0, bool)), name("val.npy"))
+        _atomic_save(joined("sizes", np.zeros(0, np.int64)), name("sizes.npy"))
+        _atomic_save(signatures, name("sig.npy"))
+        keys, docs = (
+            sorted_run(digests) if self.dedup.exact else (np.zeros(0, np.uint64), np.zeros(0, np.uint32))
+        )
+        _atomic_save(keys, name("exact-keys.npy"))
+        _atomic_save(docs, name("exact-docs.npy"))
+        if self.dedup.near and len(signatures):
+            keys, docs = sorted_run(lsh_keys(signatures, self.dedup), has_signature)
+        else:
+            keys, docs = np.zeros(0, np.uint64), np.zeros(0, np.uint32)
+        _atomic_save(keys, name("near-keys.npy"))
+        _atomic_save(docs, name("near-docs.npy"))
         record = {
             "chunk": self.chunk,
             "settings": settings,
-            "shards": files,
+            "documents": len(lengths),
             "stats": {name: s.to_dict() for name, s in self.stats.items()},
         }
-        atomic_write_text(self.folder / f"chunk-{self.chunk:05d}.json", json.dumps(record, indent=1))
+        atomic_write_text(self.folder / _stage_name(self.chunk, "json"), json.dumps(record, indent=1))
         return record
 
 
@@ -272,39 +413,122 @@ def _chunks(
         yield chunk, None
 
 
-def _restore(folder: Path, record: dict, dedup: Deduplicator) -> None:
-    path = folder / f"chunk-{record['chunk']:05d}.dedup.npz"
-    try:
-        with np.load(path) as saved:
-            digests, signatures = saved["digests"], saved["signatures"]
-    except (OSError, ValueError, KeyError) as err:
-        raise DataError(
-            f"{path}: unreadable ({err}); delete chunk-{record['chunk']:05d}.json to redo it"
-        ) from None
-    for digest in digests:
-        dedup.remember(digest.tobytes(), None)
-    for signature in signatures:
-        dedup.remember(None, signature)
-
-
-def _finished_chunks(folder: Path, settings: str) -> dict[int, dict]:
+def _records(folder: Path, pattern: str, settings: str, files) -> dict[int, dict]:
     done = {}
-    for path in sorted(folder.glob("chunk-*.json")):
+    for path in sorted(folder.glob(pattern)):
         record = json.loads(path.read_text())
         if record.get("settings") != settings:
             raise DataError(
                 f"{path} was made with other settings (tokenizer, curation, source or prepare.shard_bytes "
                 f"differ); use another prepare.output_dir or delete {folder}"
             )
-        missing = [
-            f
-            for s in record["shards"].values()
-            for f in (s["file"], s["index"])
-            if not (folder / f).is_file()
-        ]
-        if not missing:
+        if all((folder / f).is_file() for f in files(record)):
             done[record["chunk"]] = record
     return done
+
+
+def _finished_chunks(folder: Path, settings: str) -> dict[int, dict]:
+    """Chunks whose final shards are written (chunk-k.json)."""
+    return _records(
+        folder,
+        "chunk-*.json",
+        settings,
+        lambda r: [f for s in r["shards"].values() for f in (s["file"], s["index"])],
+    )
+
+
+def _staged_chunks(folder: Path, settings: str) -> dict[int, dict]:
+    """Chunks staged for deduplication (stage-k.json and its files)."""
+    return _records(
+        folder, "stage-*.json", settings, lambda r: [_stage_name(r["chunk"], p) for p in STAGE_PARTS]
+    )
+
+
+DEDUP_STATE, VERDICTS = "dedup.json", "dedup-verdicts.u8"
+
+
+def _deduplicate(
+    folder: Path, staged: dict[int, dict], n_chunks: int, cfg: DedupConfig, settings: str
+) -> dict:
+    """Settle every staged document (kept, or removed as an exact or near duplicate) from the staged keys and
+    signatures; the verdicts go to a memory-mapped file, the state (chunk offsets) to dedup.json."""
+    c0 = time.process_time()
+    counts = [staged[k]["documents"] for k in range(n_chunks)]
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    n_docs = int(offsets[-1])
+    load = lambda k, part: np.load(folder / _stage_name(k, part), mmap_mode="r")  # noqa: E731
+    exact = [
+        KeyRun(load(k, "exact-keys.npy"), load(k, "exact-docs.npy"), int(offsets[k])) for k in range(n_chunks)
+    ]
+    near = [
+        KeyRun(load(k, "near-keys.npy"), load(k, "near-docs.npy"), int(offsets[k])) for k in range(n_chunks)
+    ]
+    tables = [load(k, "sig.npy") for k in range(n_chunks)]
+
+    def signatures(rows: np.ndarray) -> np.ndarray:
+        rows = rows.astype(np.int64)
+        chunk_of = np.searchsorted(offsets, rows, side="right") - 1
+        out = np.empty((len(rows), cfg.num_perm), dtype=np.uint32)
+        for k in np.unique(chunk_of).tolist():
+            at = chunk_of == k
+            out[at] = tables[k][rows[at] - offsets[k]]
+        return out
+
+    tmp = folder / f".{VERDICTS}.tmp{os.getpid()}"
+    verdicts = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(n_docs, 1),))[:n_docs]
+    workdir = folder / f".dedup-pairs.tmp{os.getpid()}"
+    workdir.mkdir(exist_ok=True)
+    try:
+        find_duplicates(n_docs, exact, near, signatures, cfg.threshold, verdicts, workdir=workdir)
+        verdicts.flush()
+        del verdicts
+    finally:
+        for leftover in workdir.iterdir():
+            leftover.unlink()
+        workdir.rmdir()
+    os.replace(tmp, folder / VERDICTS)
+    state = {"settings": settings, "chunks": n_chunks, "offsets": offsets.tolist(),
+             "cpu_seconds": time.process_time() - c0}  # fmt: skip
+    atomic_write_text(folder / DEDUP_STATE, json.dumps(state))
+    return state
+
+
+def _finish_chunk(folder: Path, record: dict, state: dict, dtype: np.dtype, settings: str) -> dict:
+    """Write chunk k's train and val shards: the token ranges of its documents that deduplication kept, copied
+    from the staged tokens (no tokenising again); then chunk-k.json, then the staged files go."""
+    k = record["chunk"]
+    stage = lambda part: folder / _stage_name(k, part)  # noqa: E731
+    lo, hi = state["offsets"][k], state["offsets"][k + 1]
+    verdicts = np.fromfile(folder / VERDICTS, dtype=np.uint8, count=hi - lo, offset=lo)
+    ends = np.fromfile(stage("idx"), dtype=np.uint64).astype(np.int64)
+    lengths = np.diff(ends, prepend=0)
+    tokens = np.memmap(stage("bin"), dtype=dtype, mode="r") if len(ends) and ends[-1] else np.zeros(0, dtype)
+    val, sizes = np.load(stage("val.npy")), np.load(stage("sizes.npy"))
+    stats = {name: StageStats.from_dict(s) for name, s in record["stats"].items()}
+    count_verdicts(stats, sizes, verdicts)
+    kept = verdicts == 0
+    t = stats["tokenize"]
+    t.docs_in = t.docs_out = int(kept.sum())
+    t.bytes_in = t.bytes_out = int(sizes[kept].sum())
+    files = {}
+    for split in ("train", "val"):
+        chosen = kept & (val == (split == "val"))
+        if not chosen.any():
+            continue
+        name = f"{split}-{k:05d}"
+        part = np.asarray(tokens[np.repeat(chosen, lengths)])
+        new_ends = np.cumsum(lengths[chosen], dtype=np.uint64)
+        _atomic_tofile(part, folder / f"{name}.bin")
+        _atomic_tofile(new_ends, folder / f"{name}.idx")
+        files[split] = {"file": f"{name}.bin", "index": f"{name}.idx", "tokens": int(new_ends[-1]),
+                        "documents": int(chosen.sum()), "max_id": int(part.max())}  # fmt: skip
+    del tokens
+    final = {"chunk": k, "settings": settings, "shards": files,
+             "stats": {name: s.to_dict() for name, s in stats.items()}}  # fmt: skip
+    atomic_write_text(folder / f"chunk-{k:05d}.json", json.dumps(final, indent=1))
+    for part in (*STAGE_PARTS, "json"):
+        stage(part).unlink(missing_ok=True)
+    return final
 
 
 def _peak_rss_mb() -> dict[str, float]:
@@ -397,36 +621,88 @@ def prepare_shards(data: DataConfig, prep: PrepareConfig) -> dict:
             f"{manifest_path} was made with other settings; use another prepare.output_dir or delete {folder}"
         )
     for leftover in folder.glob(".*.tmp*"):  # half-written files of a killed run
-        leftover.unlink()
+        if leftover.is_dir():
+            for f in leftover.iterdir():
+                f.unlink()
+            leftover.rmdir()
+        else:
+            leftover.unlink()
     done = _finished_chunks(folder, settings)
-    if done:
-        log.info("prepare: restarting; %d finished chunks will be skipped", len(done))
+    staged = _staged_chunks(folder, settings)
+    state = None
+    if (folder / DEDUP_STATE).is_file() and (folder / VERDICTS).is_file():
+        state = json.loads((folder / DEDUP_STATE).read_text())
+        state = state if state.get("settings") == settings else None
+    if done or staged:
+        log.info(
+            "prepare: restarting; %d staged and %d finished chunks will be skipped", len(staged), len(done)
+        )
 
     workers = prep.workers or os.cpu_count() or 1
-    report, dedup = Report(SHARD_STAGES), Deduplicator(prep.curation.dedup)
+    cfg = prep.curation.dedup
+    report = Report(SHARD_STAGES)
     report.workers = workers
-    records: list[dict] = []
-    init_args = (prep.curation, tokenizer.hf.to_str(), data.val_fraction, dtype.name)
+    t0, cpu0, children0 = time.perf_counter(), time.process_time(), _children_cpu()
+    if state is None:  # stream: curate, tokenise and stage every chunk not staged yet
+        backend = _tokenizer_backend(prep, tokenizer)
+        init_args = (prep.curation, tokenizer.hf.to_str(), data.val_fraction, dtype.name, backend)
+        n_chunks = _stream(data, prep, folder, init_args, dtype, settings, done, staged, workers)
+        staged = _staged_chunks(folder, settings)
+        missing = [k for k in range(n_chunks) if k not in staged]
+        if missing:
+            raise DataError(f"{folder}: chunks {missing[:5]} were finished without the rest; delete {folder}")
+        state = _deduplicate(folder, staged, n_chunks, cfg, settings)
+    report.stages["near_dedup"].cpu_seconds += state["cpu_seconds"]
+    records = []
+    for k in range(state["chunks"]):
+        record = done.get(k) or _finish_chunk(folder, staged[k], state, dtype, settings)
+        records.append(record)
+        report.merge({name: StageStats.from_dict(s) for name, s in record["stats"].items()})
+    report.wall_seconds = time.perf_counter() - t0
+    report.cpu_seconds = time.process_time() - cpu0 + _children_cpu() - children0
+    report.peak_rss_mb = _peak_rss_mb()
+    manifest = _write_manifest(folder, data, prep, tokenizer, dtype, settings, records, report)
+    for name in (VERDICTS, DEDUP_STATE):
+        (folder / name).unlink(missing_ok=True)
+    return manifest
+
+
+def _tokenizer_backend(prep: PrepareConfig, tokenizer: Tokenizer) -> str:
+    if prep.tokenizer_backend == "tokenizers":
+        return "tokenizers"
+    if tiktoken_encoding(tokenizer) is not None:
+        return "tiktoken"
+    if prep.tokenizer_backend == "tiktoken":
+        raise DataError(
+            "prepare.tokenizer_backend=tiktoken: tiktoken is not installed, or it cannot reproduce this "
+            "tokenizer (only a plain byte-level BPE); use auto or tokenizers"
+        )
+    return "tokenizers"
+
+
+def _stream(data, prep, folder, init_args, dtype, settings, done, staged, workers) -> int:
+    """Read the source, curate and tokenise its batches in the workers and stage every chunk not finished
+    before; the number of chunks."""
     pool = None
     if workers > 1:
         context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         pool = context.Pool(workers, initializer=_init_worker, initargs=init_args)
     else:
         _init_worker(*init_args)
-    t0, cpu0, children0 = time.perf_counter(), time.process_time(), _children_cpu()
-    # In stream order: ("batch", chunk, result), ("end", chunk, None) after a chunk's last batch, and
-    # ("restore", chunk, None) for a chunk finished by an earlier run. At most 2 batches per worker in flight.
+    # In stream order: ("batch", chunk, result) and ("end", chunk, None) after a chunk's last batch. Chunks
+    # staged or finished by an earlier run are read past. At most 2 batches per worker in flight.
     pending: collections.deque = collections.deque()
     tasks = _chunks(iter_documents(data), prep.shard_bytes, prep.batch_bytes)
     writer: _ChunkWriter | None = None
+    n_chunks = 0
     try:
         while True:
             while len(pending) < 2 * workers + 2 and (item := next(tasks, None)) is not None:
                 chunk, texts = item
-                if chunk in done:
-                    if texts is None:
-                        pending.append(("restore", chunk, None))
-                elif texts is None:
+                n_chunks = chunk + 1
+                if chunk in done or chunk in staged:
+                    continue
+                if texts is None:
                     pending.append(("end", chunk, None))
                 else:
                     result = pool.apply_async(_work, (texts,)) if pool else _Done(_work(texts))
@@ -434,23 +710,15 @@ def prepare_shards(data: DataConfig, prep: PrepareConfig) -> dict:
             if not pending:
                 break
             kind, chunk, result = pending.popleft()
-            if kind == "restore":
-                _restore(folder, done[chunk], dedup)
-                records.append(done[chunk])
-                report.merge({k: StageStats.from_dict(v) for k, v in done[chunk]["stats"].items()})
-                continue
-            writer = writer or _ChunkWriter(folder, chunk, dtype)
+            writer = writer or _ChunkWriter(folder, chunk, dtype, prep.curation.dedup)
             if kind == "end":
-                records.append(writer.finish(settings))
-                report.merge(writer.stats)
+                writer.finish(settings)
                 writer = None
                 continue
-            docs, stats = result.get()
+            batch, stats = result.get()
             for name, s in stats.items():
                 writer.stats[name].merge(s)
-            for doc in docs:
-                if doc is not None and dedup.check(doc, doc.size, writer.stats):
-                    writer.add(doc)
+            writer.add(batch)
         if pool is not None:
             pool.close()  # every result is in: let the workers exit
             pool.join()
@@ -459,10 +727,7 @@ def prepare_shards(data: DataConfig, prep: PrepareConfig) -> dict:
         if pool is not None:  # an error or an interrupt: stop the workers
             pool.terminate()
             pool.join()
-    report.wall_seconds = time.perf_counter() - t0
-    report.cpu_seconds = time.process_time() - cpu0 + _children_cpu() - children0
-    report.peak_rss_mb = _peak_rss_mb()
-    return _write_manifest(folder, data, prep, tokenizer, dtype, settings, records, report)
+    return n_chunks
 
 
 def _write_manifest(

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from llmtrain.data.curation import (
+    EXACT,
+    NEAR,
     C4Config,
     CharactersConfig,
     CurationConfig,
@@ -16,6 +18,7 @@ from llmtrain.data.curation import (
     DedupConfig,
     GopherQualityConfig,
     GopherRepetitionConfig,
+    KeyRun,
     LengthConfig,
     NormalizeConfig,
     Report,
@@ -23,15 +26,20 @@ from llmtrain.data.curation import (
     characters_rule,
     check_curation_config,
     code_curation,
+    content_digest,
     curate,
+    digest_keys,
+    find_duplicates,
     gopher_quality_rule,
     gopher_repetition_rule,
     length_rule,
     lsh_bands,
+    lsh_keys,
     minhash,
     minimal_curation,
     normalize,
     shingles,
+    sorted_run,
 )
 
 SYLLABLES = [
@@ -322,3 +330,68 @@ def test_datatrove_signatures_find_the_same_near_duplicates():
         cfg = dataclasses.replace(minimal_curation(), backend=backend, dedup=DedupConfig())
         kept, _ = curate(docs, cfg)
         assert kept == originals, backend
+
+
+def _signatures(docs: list[str], cfg: DedupConfig) -> np.ndarray:
+    return np.stack([minhash(d, cfg) for d in docs])
+
+
+def test_find_duplicates_across_runs_and_partitions_keeps_the_earlier():
+    """Documents split over several runs (chunks) and merged in several key partitions: a near copy (a few
+    words changed) in a later run is removed, its original kept, distinct documents kept; the same verdicts as
+    one run merged at once."""
+    cfg = DedupConfig()
+    originals = [prose(300 + i, paragraphs=3) for i in range(12)]
+    docs = originals + [_edit(originals[2], 2, seed=7), originals[5], _edit(originals[9], 3, seed=8)]
+    table = _signatures(docs, cfg)
+    digests = digest_keys([content_digest(d) for d in docs])
+    expected = np.zeros(len(docs), dtype=np.uint8)
+    expected[[12, 14]], expected[13] = NEAR, EXACT
+
+    def runs(bounds, keys):
+        return [KeyRun(*sorted_run(keys[a:b]), a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    for bounds, budget in (([0, len(docs)], 10**6), ([0, 5, 10, 13, len(docs)], 7)):
+        verdicts = find_duplicates(
+            len(docs), runs(bounds, digests), runs(bounds, lsh_keys(table, cfg)),
+            lambda rows: table[rows.astype(np.int64)], cfg.threshold, budget=budget,
+        )  # fmt: skip
+        assert verdicts.tolist() == expected.tolist(), (bounds, budget)
+
+
+def test_find_duplicates_greedy_first_kept_wins():
+    """A duplicate of a removed document is judged against the kept ones: B copies A (removed), C copies B."""
+    cfg = DedupConfig()
+    a = prose(400, paragraphs=4)
+    docs = [a, _edit(a, 2, seed=1), _edit(a, 2, seed=2), prose(401, paragraphs=4)]
+    table = _signatures(docs, cfg)
+    verdicts = find_duplicates(
+        len(docs), [], [KeyRun(*sorted_run(lsh_keys(table, cfg)), 0)],
+        lambda rows: table[rows.astype(np.int64)], cfg.threshold,
+    )  # fmt: skip
+    assert verdicts.tolist() == [0, NEAR, NEAR, 0]
+
+
+def test_find_duplicates_memory_does_not_grow_with_documents():
+    """Working memory (traced allocations, the inputs and the verdicts aside) is bounded by the partition budget,
+    not the number of documents."""
+    import tracemalloc
+
+    cfg = DedupConfig()
+    rng = np.random.default_rng(0)
+
+    def peak(n: int) -> int:
+        table = rng.integers(0, 2**32, size=(n, cfg.num_perm), dtype=np.uint32)  # distinct documents
+        run = KeyRun(*sorted_run(lsh_keys(table, cfg)), 0)
+        digests = KeyRun(*sorted_run(rng.integers(0, 2**63, size=n, dtype=np.uint64)), 0)
+        verdicts = np.zeros(n, dtype=np.uint8)
+        tracemalloc.start()
+        find_duplicates(
+            n, [digests], [run], lambda rows: table[rows.astype(np.int64)], 0.8, verdicts, budget=10_000
+        )
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    small, large = peak(20_000), peak(80_000)  # 320,000 and 1,280,000 band records, 10,000 merged at once
+    assert large < 1.5 * small + 200_000, (small, large)

@@ -216,3 +216,63 @@ def test_manifest_is_written_last(corpus, tmp_path):
     assert manifest["format"] == "llmtrain-shards/1" and manifest["source"]["paths"] == [
         str(tmp_path / "docs.jsonl")
     ]
+
+
+def test_restart_after_an_interruption_while_writing_final_shards(corpus, tmp_path, monkeypatch):
+    """Killed after deduplication, while the kept documents are copied into the final shards: the restart
+    neither reads the source again nor changes a byte; staging files are gone once the set is complete."""
+    data = data_config(corpus, tmp_path / "cache")
+    reference = prepare_shards(data, prep_config(tmp_path / "reference"))
+    finish, finished = shards_module._finish_chunk, []
+
+    def crash_after_one(*args):
+        if finished:
+            raise KeyboardInterrupt
+        finished.append(finish(*args))
+        return finished[-1]
+
+    monkeypatch.setattr(shards_module, "_finish_chunk", crash_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(data, prep_config(tmp_path / "shards"))
+    monkeypatch.undo()
+    assert (tmp_path / "shards" / "dedup.json").is_file() and list((tmp_path / "shards").glob("stage-*"))
+    work, batches = shards_module._work, []
+    monkeypatch.setattr(shards_module, "_work", lambda texts: batches.append(len(texts)) or work(texts))
+    manifest = prepare_shards(data, prep_config(tmp_path / "shards"))
+    assert batches == [] and manifest["splits"] == reference["splits"]
+    for split in ("train", "val"):
+        for shard in reference["splits"][split]["shards"]:
+            for key in ("file", "index"):
+                assert (tmp_path / "shards" / shard[key]).read_bytes() == (
+                    tmp_path / "reference" / shard[key]
+                ).read_bytes()
+    names = {p.name for p in (tmp_path / "shards").iterdir()}
+    assert not [n for n in names if n.startswith(("stage-", "dedup", "."))], names
+
+
+def test_near_duplicate_in_a_later_chunk_is_removed_and_the_original_kept(corpus, tmp_path):
+    data = data_config(corpus, tmp_path / "cache")
+    manifest = prepare_shards(data, prep_config(tmp_path / "shards"))
+    shard_set = open_shards(tmp_path / "shards")
+    tokenizer = shard_set.tokenizer()
+    docs = []
+    for split in ("train", "val"):
+        tokens = np.asarray(shard_set.split(split))
+        docs += [tokenizer.decode(d) for d in np.split(tokens, shard_set.split(split).document_ends()[:-1])]
+    assert DOCS[5] in docs and _edit(DOCS[5], 1, seed=1) not in docs and docs.count(DOCS[3]) == 1
+    assert (
+        len(manifest["splits"]["train"]["shards"]) > 2
+    )  # the copies came in a later chunk than the originals
+
+
+def test_tiktoken_gives_the_same_ids_as_tokenizers(tmp_path):
+    tiktoken = pytest.importorskip("tiktoken")
+    del tiktoken
+    texts = [*DOCS[:20], shards_module.TIKTOKEN_PROBE, "naïve café — “quoted” <eos> <extra_id_3>  \n\n\t x\u00a0y 👍🏽",
+             "def f(x):\n    return x  # ok\n\n\n", "   leading and trailing   ", "I'm, you'll, they've, 'S 'LL"]  # fmt: skip
+    tokenizer = train_bpe(texts * 3, vocab_size=600)
+    encoding = shards_module.tiktoken_encoding(tokenizer)
+    assert encoding is not None
+    for text in texts:
+        assert shards_module._tiktoken_ids(encoding, text) == tokenizer.encode(text), text
+    assert shards_module._encode(texts, tokenizer, encoding) == shards_module._encode(texts, tokenizer)
