@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from llmtrain.data.curation import (
+    CITATION,
     EXACT,
     NEAR,
+    POLICY,
+    SENTENCE_END,
+    WORD,
+    BatchView,
     C4Config,
     CharactersConfig,
     CurationConfig,
     CurationError,
+    Curator,
     DedupConfig,
     GopherQualityConfig,
     GopherRepetitionConfig,
@@ -22,7 +30,10 @@ from llmtrain.data.curation import (
     LengthConfig,
     NormalizeConfig,
     Report,
+    TextView,
+    _duplicate_counts,
     c4_rule,
+    characters_batch,
     characters_rule,
     check_curation_config,
     code_curation,
@@ -30,12 +41,15 @@ from llmtrain.data.curation import (
     curate,
     digest_keys,
     find_duplicates,
+    gopher_quality_batch,
     gopher_quality_rule,
+    gopher_repetition_batch,
     gopher_repetition_rule,
     length_rule,
     lsh_bands,
     lsh_keys,
     minhash,
+    minhash_batch,
     minimal_curation,
     normalize,
     shingles,
@@ -395,3 +409,212 @@ def test_find_duplicates_memory_does_not_grow_with_documents():
 
     small, large = peak(20_000), peak(80_000)  # 320,000 and 1,280,000 band records, 10,000 merged at once
     assert large < 1.5 * small + 200_000, (small, large)
+
+
+# -- the batch path (Curator.process, fast backend) against the per-document rules --------------------------
+
+
+def _old_c4_rule(text: str, cfg: C4Config):
+    """C4's line rules as first written (one pass, every test on every line): the reference for c4_rule."""
+    kept, sentences, dropped = [], 0, 0
+    for raw_line in text.split("\n"):
+        line = raw_line.strip()
+        if not line:
+            continue
+        words = line.split()
+        if cfg.max_word_length is not None and max(map(len, words)) > cfg.max_word_length:
+            dropped += 1
+            continue
+        if cfg.remove_citations:
+            line = CITATION.sub("", line).strip()
+        if cfg.require_terminal_punctuation and (
+            not line.endswith((".", "!", "?", '"', "'")) or line.endswith("...")
+        ):
+            dropped += 1
+            continue
+        if cfg.min_words_per_line is not None and len(words) < cfg.min_words_per_line:
+            dropped += 1
+            continue
+        lower = line.lower()
+        if cfg.drop_lorem_ipsum and "lorem ipsum" in lower:
+            return None, "c4.drop_lorem_ipsum", dropped
+        if cfg.remove_javascript_lines and "javascript" in lower:
+            dropped += 1
+            continue
+        if cfg.drop_curly_bracket and "{" in line:
+            return None, "c4.drop_curly_bracket", dropped
+        if cfg.remove_policy_lines and any(p in lower for p in POLICY):
+            dropped += 1
+            continue
+        sentences += max(1, len(SENTENCE_END.findall(line)))
+        kept.append(line)
+    if not kept:
+        return None, "c4.no_line_left", dropped
+    if cfg.min_sentences is not None and sentences < cfg.min_sentences:
+        return None, "c4.min_sentences", dropped
+    return "\n".join(kept), None, dropped
+
+
+def _old_duplicate_counts(parts: list[str]) -> tuple[int, int]:
+    seen, count, chars = set(), 0, 0
+    for part in parts:
+        if part in seen:
+            count, chars = count + 1, chars + len(part)
+        else:
+            seen.add(part)
+    return count, chars
+
+
+def _reference_ngram_fractions(text: str, n: int) -> tuple[float, float]:
+    """(characters of the most frequent n-gram's occurrences, characters of words in repeated occurrences of
+    any n-gram) / characters of words, straight from the word strings (for documents without count ties)."""
+    words = [w.lower() for w in WORD.findall(text)]
+    total = sum(map(len, words))
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    top = max(counts.values(), default=0)
+    top_chars = top * sum(map(len, max(counts, key=counts.get))) if top > 1 else 0
+    seen, covered = set(), [False] * len(words)
+    for i, g in enumerate(grams):
+        if g in seen:
+            covered[i : i + n] = [True] * n
+        seen.add(g)
+    return top_chars / total, sum(len(w) for w, c in zip(words, covered) if c) / total
+
+
+def _varied_documents(count: int, seed: int) -> list[str]:
+    """Prose, repetitive text of a small vocabulary, junk, citations, bullets, ellipses, empty and tiny
+    documents, non-ASCII: every rule fires somewhere, the rest pass."""
+    rng = random.Random(seed)
+    small = WORDS[:12] + STOP[:4]
+    docs = []
+    for _ in range(count):
+        kind = rng.randrange(12)
+        if kind < 4:
+            doc = prose(rng.randrange(10**6), paragraphs=rng.randint(1, 5), lines=rng.randint(1, 3))
+        elif kind == 4:  # a small vocabulary: repeated n-grams of every length
+            doc = " ".join(rng.choice(small) for _ in range(rng.randint(5, 300))) + "."
+        elif kind == 5:  # a passage recurring among fresh text
+            passage = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12)))
+            doc = "\n".join(f"{sentence(rng)} {passage}." for _ in range(rng.randint(2, 10)))
+        elif kind == 6:
+            doc = "Buy now!!! ### $$$ click here " * rng.randint(1, 20)
+        elif kind == 7:  # C4 material: citations, javascript, cookies, lorem ipsum, braces, short lines
+            lines = _lines(rng.randint(2, 8), rng.randrange(1000))
+            extras = ["A fact. [1]", "Enable JavaScript please.", "This site uses cookies.", "Hi.",
+                      "Lorem[2] ipsum dolor sit amet.", "Code {x} here is fine.", "Read more...", "x" * 1200 + "."]  # fmt: skip
+            for _ in range(rng.randint(0, 3)):
+                lines.insert(rng.randrange(len(lines) + 1), rng.choice(extras))
+            doc = "\n".join(lines)
+        elif kind == 8:
+            doc = "\n".join(("- " if rng.random() < 0.7 else "") + _words(12, seed=rng.randrange(99))
+                            + ("…" if rng.random() < 0.4 else ".") for _ in range(rng.randint(1, 20)))  # fmt: skip
+        elif kind == 9:
+            doc = rng.choice(
+                ["", "   ", "\n\n", "a", "one two three", "Ça va? Ünïcödé ÀÉÎ straße ß İstanbul."]
+            )
+        elif kind == 10:  # repeated paragraphs and lines
+            par = _lines(rng.randint(1, 3), rng.randrange(99))
+            doc = "\n\n".join(
+                ["\n".join(par)] * rng.randint(1, 4) + _lines(rng.randint(1, 6), rng.randrange(99))
+            )
+        else:
+            doc = " ".join(f"{w} foo bar." for w in rng.sample(WORDS, rng.randint(3, 80)))
+        if rng.random() < 0.2:
+            doc = doc.replace(" ", rng.choice(["  ", " \t", "\u00a0", " — "]), rng.randint(1, 5))
+        docs.append(doc)
+    return docs
+
+
+def test_c4_rule_and_duplicate_counts_match_the_first_implementation():
+    docs = _varied_documents(300, seed=11)
+    for cfg in (C4, dataclasses.replace(C4, remove_citations=False, min_sentences=None, max_word_length=5),
+                dataclasses.replace(C4, require_terminal_punctuation=False, min_words_per_line=0)):  # fmt: skip
+        for doc in docs:
+            assert c4_rule(doc, cfg) == _old_c4_rule(doc, cfg), doc
+    for doc in docs:
+        for parts in (doc.split("\n"), doc.split(" "), re.split(r"\n{2,}", doc.strip())):
+            assert _duplicate_counts(parts) == _old_duplicate_counts(parts)
+
+
+def test_batch_view_and_rules_match_the_per_document_ones():
+    docs = _varied_documents(400, seed=3)
+    view = BatchView(docs)
+    rows = list(range(len(docs)))
+    for r, doc in enumerate(docs):
+        single = TextView(doc)
+        words = slice(view.word_starts[r], view.word_ends[r])
+        assert np.array_equal(view.word_hashes[words], single.word_hashes)
+        assert np.array_equal(view.word_lengths[words], single.word_lengths)
+        assert (int(view.tokens()[0][r]), int(view.tokens()[1][r])) == single.tokens()
+    odd = GopherRepetitionConfig(max_top_ngram_char_fraction={1: 0.3, 2: 0.2, 6: 0.1},
+                                 max_duplicate_ngram_char_fraction={3: 0.5, 5: 0.15, 8: 0.05})  # fmt: skip
+    for cfg, batch, single in [
+        (R, gopher_repetition_batch, gopher_repetition_rule),
+        (odd, gopher_repetition_batch, gopher_repetition_rule),
+        (Q, gopher_quality_batch, gopher_quality_rule),
+        (CharactersConfig(enabled=True), characters_batch, characters_rule),
+    ]:
+        assert batch(view, rows, cfg) == [single(doc, cfg) for doc in docs]
+    d = DedupConfig()
+    for got, doc in zip(minhash_batch(view, rows, d), docs):
+        want = minhash(doc, d)
+        assert (got is None and want is None) or np.array_equal(got, want)
+
+
+def test_repetition_fractions_match_a_reference_on_random_documents():
+    """The batch rule at thresholds just below and above each document's own fractions, against the fractions
+    computed from the word strings (documents with a tie for the most frequent n-gram left out)."""
+    rng = random.Random(5)
+    vocabularies = [WORDS[: rng.randint(2, 30)] for _ in range(200)]
+    docs = [" ".join(rng.choice(v) for _ in range(rng.randint(8, 200))) for v in vocabularies]
+    view = BatchView(docs)
+    checked = Counter()
+    for n_top, n_dup in ((2, 5), (3, 6), (4, 8)):
+        for r, doc in enumerate(docs):
+            top, dup = _reference_ngram_fractions(doc, n_top)[0], _reference_ngram_fractions(doc, n_dup)[1]
+            counts = Counter(zip(*(WORD.findall(doc.lower())[i:] for i in range(n_top))))
+            best = sorted(counts.values(), reverse=True)
+            tie = len(best) > 1 and best[0] == best[1]  # which n-gram counts is then the hash order's choice
+            for eps, expect in ((-1e-9, True), (1e-9, False)):
+                cfg = GopherRepetitionConfig(
+                    max_duplicate_line_fraction=None,
+                    max_duplicate_paragraph_fraction=None,
+                    max_duplicate_line_char_fraction=None,
+                    max_duplicate_paragraph_char_fraction=None,
+                    max_top_ngram_char_fraction={n_top: top + eps},
+                    max_duplicate_ngram_char_fraction={},
+                )
+                if top > 0 and not tie:
+                    got = gopher_repetition_batch(view, [r], cfg)[0]
+                    assert (got == f"gopher_repetition.max_top_ngram_char_fraction.{n_top}") == expect, doc
+                    checked["top"] += 1
+                if dup > 0:
+                    cfg.max_top_ngram_char_fraction = {}
+                    cfg.max_duplicate_ngram_char_fraction = {n_dup: dup + eps}
+                    got = gopher_repetition_batch(view, [r], cfg)[0]
+                    assert (
+                        got == f"gopher_repetition.max_duplicate_ngram_char_fraction.{n_dup}"
+                    ) == expect, doc
+                    checked["dup"] += 1
+    assert checked["top"] > 100 and checked["dup"] > 100, checked
+
+
+@pytest.mark.parametrize("preset", ["web", "code", "odd"])
+def test_batch_process_matches_process_each(preset):
+    cfg = {"web": CurationConfig(), "code": code_curation()}.get(preset)
+    if cfg is None:
+        cfg = dataclasses.replace(CurationConfig(), c4=dataclasses.replace(C4, remove_citations=False),
+                                  gopher_quality=dataclasses.replace(Q, min_words=3, min_stop_words=0),
+                                  characters=CharactersConfig(enabled=True), dedup=DedupConfig(ngram=3))  # fmt: skip
+    docs = _varied_documents(500, seed=7) + [prose(s) for s in range(50)] + [d.upper() for d in GOOD]
+    curator = Curator(cfg)
+    batch, batch_stats = curator.process(docs)
+    each, each_stats = curator.process_each(docs)
+    assert [d and (d.text, d.digest) for d in batch] == [d and (d.text, d.digest) for d in each]
+    for a, b in zip(batch, each):
+        if a is not None:
+            assert (a.signature is None and b.signature is None) or np.array_equal(a.signature, b.signature)
+    strip = lambda stats: {k: {**s.to_dict(), "cpu_seconds": 0} for k, s in stats.items()}  # noqa: E731
+    assert strip(batch_stats) == strip(each_stats)
+    assert sum(d is not None for d in batch) > 20
