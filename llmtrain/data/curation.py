@@ -29,6 +29,7 @@ memory is bounded whatever the corpus size (llmtrain/data/shards.py stages the r
 from __future__ import annotations
 
 import hashlib
+import mmap
 import re
 import time
 import unicodedata
@@ -1073,8 +1074,10 @@ EXACT, NEAR = 1, 2
 PAIRS_PER_MEMBER = 16
 """A document sharing a group key (digest, LSH band) is compared with at most this many of the group's first
 members: bounded work on huge groups (boilerplate copied thousands of times), where the first members decide."""
-PARTITION_RECORDS = 2_000_000
-"""Records (key, document) merged and sorted at once: the bound on the dedup's working memory (~100 MB)."""
+PARTITION_RECORDS = 500_000
+"""Records (key, document) merged and sorted at once: the bound on the dedup's working memory (~30 MB)."""
+VERIFY_PAIRS = 8192
+"""Candidate pairs whose signatures are compared at once (bounds the memory of verification)."""
 
 
 def lsh_keys(signatures: np.ndarray, cfg: DedupConfig) -> np.ndarray:
@@ -1134,6 +1137,17 @@ def _group_pairs(keys: np.ndarray, docs: np.ndarray, limit: int) -> np.ndarray:
     return np.unique(np.concatenate(codes)) if codes else np.zeros(0, dtype=np.uint64)
 
 
+def release_pages(arrays) -> None:
+    """Drop the resident pages of memory-mapped arrays (np.memmap / np.load(mmap_mode=...)). They stay in the
+    page cache, so reading them again costs a page-cache hit; the process's resident set stays bounded by what
+    one step of a pass touches, not by the size of the files it has walked through."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    for array in arrays:
+        mapped = getattr(array, "_mmap", None)
+        if advice is not None and mapped is not None and hasattr(mapped, "madvise"):
+            mapped.madvise(advice)
+
+
 def _partition_pairs(runs: list[KeyRun], budget: int, limit: int):
     """Candidate pair codes, one key-range partition at a time (each partition's records merged and sorted
     alone, so memory is bounded by `budget` records whatever the corpus size)."""
@@ -1149,6 +1163,7 @@ def _partition_pairs(runs: list[KeyRun], budget: int, limit: int):
                 keys.append(np.asarray(run.keys[a:b]))
                 docs.append(np.asarray(run.docs[a:b]).astype(np.uint64) + np.uint64(run.offset))
         if keys:
+            release_pages(a for run in runs for a in (run.keys, run.docs))
             k, d = np.concatenate(keys), np.concatenate(docs)
             order = np.argsort(k, kind="stable")  # runs come in document order, each sorted by (key, doc)
             yield _group_pairs(k[order], d[order], limit)
@@ -1191,10 +1206,10 @@ def find_duplicates(
         for codes in _partition_pairs(runs, budget, limit):
             if kind == NEAR:
                 keep = np.zeros(len(codes), dtype=bool)
-                for s in range(0, len(codes), 65536):
-                    block = codes[s : s + 65536]
+                for s in range(0, len(codes), VERIFY_PAIRS):  # 2 x 4 MB of signatures at num_perm=128
+                    block = codes[s : s + VERIFY_PAIRS]
                     a, b = signatures(block >> np.uint64(32)), signatures(block & np.uint64(0xFFFFFFFF))
-                    keep[s : s + 65536] = (a == b).mean(axis=1) >= threshold
+                    keep[s : s + VERIFY_PAIRS] = (a == b).mean(axis=1) >= threshold
                 codes = codes[keep]
             if len(codes):
                 file(codes, kind)

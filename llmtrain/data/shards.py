@@ -149,7 +149,7 @@ def settings_key(data: DataConfig, prep: PrepareConfig, tokenizer: Tokenizer) ->
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """The regex of tokenizers' ByteLevel pre-tokenizer (use_regex=True), in tiktoken's spelling."""
-TIKTOKEN_CHECK_EVERY = 32
+TIKTOKEN_CHECK_EVERY = 128
 """With tiktoken, every document whose content hash is 0 modulo this is also encoded by `tokenizers` and
 compared; a difference stops the run (prepare.tokenizer_backend=tokenizers then avoids tiktoken)."""
 TIKTOKEN_PROBE = (
@@ -204,7 +204,11 @@ def tiktoken_encoding(tokenizer: Tokenizer):
     return encoding
 
 
-def _tiktoken_ids(encoding, text: str) -> list[int]:
+def _tiktoken_ids(encoding, text: str, starts: str | None = None) -> list[int]:
+    """tokenizers finds added tokens in the text: so does this. `starts` (the added tokens' first characters):
+    a text with none of them cannot hold one and takes tiktoken's plain path (no special-token scan)."""
+    if starts is not None and not any(c in text for c in starts):
+        return encoding.encode_ordinary(text)
     return encoding.encode(text, allowed_special="all")
 
 
@@ -293,7 +297,8 @@ def _encode(texts: list[str], tokenizer: Tokenizer, encoding=None) -> list[list[
     """Token ids without offsets: tiktoken when given (checked against `tokenizers` on a sample of documents
     chosen by content), else tokenizers' encode_batch_fast (>= 0.20: skips computing offsets)."""
     if encoding is not None:
-        out = [_tiktoken_ids(encoding, t) for t in texts]
+        starts = "".join({t[0] for t in encoding.special_tokens_set if t})
+        out = [_tiktoken_ids(encoding, t, starts) for t in texts]
         for text, ids in zip(texts, out):
             if zlib.crc32(text.encode("utf-8")) % TIKTOKEN_CHECK_EVERY == 0 and ids != tokenizer.encode(text):
                 raise DataError(
@@ -463,16 +468,25 @@ def _deduplicate(
     near = [
         KeyRun(load(k, "near-keys.npy"), load(k, "near-docs.npy"), int(offsets[k])) for k in range(n_chunks)
     ]
+    # Signature rows are read at random, one pread each: a memory map would fault in a page (and its
+    # readahead) per 512-byte row, and the resident set would follow the number of candidate pairs.
     tables = [load(k, "sig.npy") for k in range(n_chunks)]
+    columns = cfg.num_perm if cfg.near else 0
+    row_bytes = columns * 4
+    for t in tables:
+        if t.dtype != np.uint32 or t.ndim != 2 or t.shape[1] != columns or not t.flags.c_contiguous:
+            raise DataError(f"{t.filename}: not a uint32[documents, {columns}] signature table; delete it")
+    where = [(os.open(t.filename, os.O_RDONLY), int(t.offset)) for t in tables]
+    del tables
 
     def signatures(rows: np.ndarray) -> np.ndarray:
         rows = rows.astype(np.int64)
         chunk_of = np.searchsorted(offsets, rows, side="right") - 1
-        out = np.empty((len(rows), cfg.num_perm), dtype=np.uint32)
-        for k in np.unique(chunk_of).tolist():
-            at = chunk_of == k
-            out[at] = tables[k][rows[at] - offsets[k]]
-        return out
+        out = bytearray(len(rows) * row_bytes)
+        for n, (k, row) in enumerate(zip(chunk_of.tolist(), (rows - offsets[chunk_of]).tolist())):
+            fd, start = where[k]
+            out[n * row_bytes : (n + 1) * row_bytes] = os.pread(fd, row_bytes, start + row * row_bytes)
+        return np.frombuffer(out, dtype=np.uint32).reshape(len(rows), columns)
 
     tmp = folder / f".{VERDICTS}.tmp{os.getpid()}"
     verdicts = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(n_docs, 1),))[:n_docs]
@@ -483,6 +497,8 @@ def _deduplicate(
         verdicts.flush()
         del verdicts
     finally:
+        for fd, _ in where:
+            os.close(fd)
         for leftover in workdir.iterdir():
             leftover.unlink()
         workdir.rmdir()

@@ -102,6 +102,19 @@ def test_missing_text_column_is_named(tmp_path):
         list(iter_documents(files_config([path], tmp_path)))
 
 
+def test_malformed_jsonl_names_the_file_and_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"a.jsonl: could not be read: line 4 is not valid JSON"):
+        list(iter_documents(files_config([path], tmp_path)))
+    path.write_text('{"text": "fine"}\n{"text": 3}\n')
+    with pytest.raises(DataError, match=r"a.jsonl, line 2\): column 'text' \(data.text_field\) holds int"):
+        list(iter_documents(files_config([path], tmp_path)))
+    path.write_bytes(b'{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"a.jsonl: could not be read: not UTF-8"):
+        list(iter_documents(files_config([path], tmp_path)))
+
+
 def test_unknown_extension_is_named(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("x\n")
