@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from llmtrain.models.heads import IGNORE_INDEX
@@ -39,26 +40,28 @@ class MaskedLM:
         ordinary = torch.ones(vocab_size, dtype=torch.bool)
         ordinary[self.special[self.special < vocab_size]] = False
         self.ordinary_ids = ordinary.nonzero().squeeze(1)
+        # numpy for the per-batch arithmetic (a fraction of torch's per-call cost on the CPU); a lookup table
+        # for "is special", one entry longer than any id it knows, which ids beyond it share (not special)
+        self._is_special = np.zeros(max(vocab_size, int(self.special.max()) + 1) + 1, dtype=bool)
+        self._is_special[self.special.numpy()] = True
+        self._ordinary = self.ordinary_ids.numpy()
 
     def __call__(
         self, windows: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """windows (B, T) -> input_ids with corruptions, labels = original token at selected positions else -100."""
-        tokens = windows
-        u = torch.rand(tokens.shape, generator=generator)
-        selectable = ~torch.isin(tokens, self.special)
-        selected = (u < self.select_rate) & selectable
-        # One more uniform decides what a selected token becomes: [MASK] / random / unchanged.
-        v = torch.rand(tokens.shape, generator=generator)
+        shape = windows.shape
+        # the generator's stream, in this order: selection, what a selected token becomes, random ids
+        u = torch.rand(shape, generator=generator).numpy()
+        v = torch.rand(shape, generator=generator).numpy()
+        random_ids = self._ordinary[torch.randint(len(self._ordinary), shape, generator=generator).numpy()]
+        tokens = windows.numpy()
+        selected = (u < self.select_rate) & ~np.take(self._is_special, tokens, mode="clip")
         to_mask = selected & (v < self.mask_rate)
         to_random = selected & (v >= self.mask_rate) & (v < self.mask_rate + self.random_rate)
-        random_ids = self.ordinary_ids[
-            torch.randint(len(self.ordinary_ids), tokens.shape, generator=generator)
-        ]
-        input_ids = torch.where(to_mask, torch.full_like(tokens, self.mask_token_id), tokens)
-        input_ids = torch.where(to_random, random_ids, input_ids)
-        labels = torch.where(selected, tokens, torch.full_like(tokens, IGNORE_INDEX))
-        batch = {"input_ids": input_ids, "labels": labels}
+        input_ids = np.where(to_mask, self.mask_token_id, np.where(to_random, random_ids, tokens))
+        labels = np.where(selected, tokens, IGNORE_INDEX)
+        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         if self.document_eos_id is not None:
-            batch["document_ids"] = document_ids(tokens, self.document_eos_id)
+            batch["document_ids"] = document_ids(windows, self.document_eos_id)
         return batch

@@ -6,8 +6,8 @@ of 568 tokens gives exactly 512 encoder inputs and 114 targets at density 0.15, 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llmtrain.models.heads import IGNORE_INDEX
 from llmtrain.objectives.documents import document_ids
@@ -48,6 +48,16 @@ def random_segmentation(num_items: int, num_segments: int, generator: torch.Gene
     cuts = torch.randperm(num_items - 1, generator=generator)[: num_segments - 1] + 1
     bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values, torch.tensor([num_items])])
     return bounds.diff()
+
+
+def _pad_right(x: np.ndarray, n: int, value: int | None = None) -> np.ndarray:
+    """x (B, W) with n more columns of `value` (None: copies of the last column)."""
+    if n == 0:
+        return x
+    out = np.empty((x.shape[0], x.shape[1] + n), dtype=x.dtype)
+    out[:, : x.shape[1]] = x
+    out[:, x.shape[1] :] = x[:, -1:] if value is None else value
+    return out
 
 
 class SpanCorruption:
@@ -91,76 +101,110 @@ class SpanCorruption:
         self.target_length = targets_length or targets_out
         self.targets_pad = self.target_length - targets_out
         self.sentinels = torch.tensor(sentinel_ids[: self.num_noise_spans], dtype=torch.long)
+        self._sentinels = self.sentinels.numpy()
         self.eos, self.start, self.pad = eos_token_id, decoder_start_token_id, pad_token_id
         self.document_attention = document_attention
 
-    def noise_mask(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Bool (raw_length,): alternating non-noise / noise spans, starting with non-noise (as T5)."""
-        noise = random_segmentation(self.num_noise_tokens, self.num_noise_spans, generator)
-        keep = random_segmentation(self.raw_length - self.num_noise_tokens, self.num_noise_spans, generator)
-        lengths = torch.stack([keep, noise], dim=1).reshape(-1)  # keep0, noise0, keep1, noise1, ...
-        is_noise = torch.tensor([False, True]).repeat(self.num_noise_spans)
-        return is_noise.repeat_interleave(lengths)
+    def noise_mask(self, generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
+        """Bool (raw_length,), or (rows, raw_length): alternating non-noise / noise spans, starting with
+        non-noise (as T5). Each row draws its cuts as `random_segmentation` does, one row after another, so a
+        batch of B windows draws what B single windows would."""
+        mask = torch.from_numpy(self._noise(generator, 1 if rows is None else rows))
+        return mask[0] if rows is None else mask
+
+    def _noise(self, generator: torch.Generator | None, n: int) -> np.ndarray:
+        n_noise, spans = self.num_noise_tokens, self.num_noise_spans
+        n_keep = self.raw_length - n_noise
+        cuts = np.empty((n, 2, spans + 1), dtype=np.int64)  # [:, 0] noise, [:, 1] kept: 0, sorted cuts, total
+        cuts[:, :, 0], cuts[:, 0, -1], cuts[:, 1, -1] = 0, n_noise, n_keep
+        for row in range(n):  # the generator's stream, as random_segmentation draws it (the only torch calls)
+            cuts[row, 0, 1:-1] = torch.randperm(n_noise - 1, generator=generator)[: spans - 1].numpy() + 1
+            cuts[row, 1, 1:-1] = torch.randperm(n_keep - 1, generator=generator)[: spans - 1].numpy() + 1
+        cuts[:, :, 1:-1].sort(axis=2)
+        lengths = np.diff(cuts, axis=2)[:, ::-1].transpose(0, 2, 1).reshape(-1)  # keep0, noise0, keep1, ...
+        return np.repeat(np.tile([False, True], n * spans), lengths).reshape(n, self.raw_length)
 
     def corrupt(
         self, tokens: torch.Tensor, noise: torch.Tensor, documents: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        """One window -> (inputs, targets). Each noise span becomes the next sentinel in the inputs; the
-        targets are each sentinel followed by its span's tokens. Both end with EOS.
+        """Windows (B, L) or one window (L,) -> (inputs, targets). Each noise span becomes the next sentinel
+        in the inputs; the targets are each sentinel followed by its span's tokens. Both end with EOS.
 
-        With `documents` (the window's document ids) also (input_documents, target_documents): a kept token
+        With `documents` (the windows' document ids) also (input_documents, target_documents): a kept token
         keeps its document; a span's sentinel and all its tokens take the document the span starts in, so
         every target token has its sentinel among the encoder tokens of its own document (a span that runs
         over a document boundary is predicted from the first document's context)."""
-        span_start = noise & ~torch.cat([torch.tensor([False]), noise[:-1]])
-        sentinel_at = self.sentinels[(span_start.cumsum(0) - 1).clamp(min=0)]  # sentinel of the current span
+        if tokens.dim() == 1:
+            out = self.corrupt(tokens[None], noise[None], None if documents is None else documents[None])
+            return tuple(t[0] for t in out)
+        docs = None if documents is None else documents.numpy()
+        out = self._corrupt(tokens.numpy(), noise.numpy(), docs)
+        return tuple(torch.from_numpy(x) for x in out)
 
-        def interleave(
-            values: torch.Tensor, first_keep: torch.Tensor, second_keep: torch.Tensor
-        ) -> torch.Tensor:
-            # at each position: optionally its span's sentinel, then optionally the token itself
-            return values.reshape(-1)[torch.stack([first_keep, second_keep], dim=1).reshape(-1)]
+    def _corrupt(
+        self, tokens: np.ndarray, noise: np.ndarray, docs: np.ndarray | None
+    ) -> tuple[np.ndarray, ...]:
+        # numpy: a batch is ~40 small array operations, at a fraction of torch's per-call cost on the CPU
+        B = len(tokens)
+        span_start = noise.copy()
+        span_start[:, 1:] &= ~noise[:, :-1]
+        span = np.cumsum(span_start, axis=1) - 1  # the current span's number (-1 before the first)
+        sentinel_at = self._sentinels[np.maximum(span, 0)]
 
-        eos = torch.tensor([self.eos])
-        values = torch.stack([sentinel_at, tokens], dim=1)
-        inputs = torch.cat([interleave(values, span_start, ~noise), eos])
-        targets = torch.cat([interleave(values, span_start, noise), eos])
-        if documents is None:
+        def interleave(values: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+            # at each position: optionally its span's sentinel, then optionally the token itself; every row
+            # keeps the same number (the spans and noise tokens per window are fixed), so rows stay rows
+            return values[np.stack([first, second], axis=2)].reshape(B, -1)
+
+        def with_last(x: np.ndarray, last) -> np.ndarray:
+            out = np.empty((B, x.shape[1] + 1), dtype=x.dtype)
+            out[:, :-1], out[:, -1:] = x, last
+            return out
+
+        values = np.stack([sentinel_at, tokens.astype(np.int64, copy=False)], axis=2)
+        inputs = with_last(interleave(values, span_start, ~noise), self.eos)
+        targets = with_last(interleave(values, span_start, noise), self.eos)
+        if docs is None:
             return inputs, targets
-        positions = torch.arange(len(tokens))
-        start_of_span = torch.cummax(torch.where(span_start, positions, 0), dim=0).values
-        doc = torch.where(noise, documents[start_of_span], documents)
-        doc_values = torch.stack([doc, doc], dim=1)
+        positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+        start_of_span = np.maximum.accumulate(np.where(span_start, positions, 0), axis=1)
+        doc = np.where(noise, np.take_along_axis(docs, start_of_span, axis=1), docs)
+        doc_values = np.stack([doc, doc], axis=2)
         input_docs = interleave(doc_values, span_start, ~noise)
         target_docs = interleave(doc_values, span_start, noise)
-        input_docs = torch.cat([input_docs, input_docs[-1:]])  # the final EOS: the last document's
-        target_docs = torch.cat([target_docs, target_docs[-1:]])
-        return inputs, targets, input_docs, target_docs
+        # the final EOS belongs to the last document of its sequence
+        return (
+            inputs,
+            targets,
+            with_last(input_docs, input_docs[:, -1:]),
+            with_last(target_docs, target_docs[:, -1:]),
+        )
 
     def __call__(
         self, windows: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """windows (B, raw_length) -> input_ids (B, seq_len), decoder_input_ids and labels (B, target_length)."""
-        docs = document_ids(windows, self.eos) if self.document_attention else [None] * len(windows)
-        parts = list(zip(*(self.corrupt(w, self.noise_mask(generator), d) for w, d in zip(windows, docs))))
-        input_ids, labels = torch.stack(parts[0]), torch.stack(parts[1])
+        tokens = windows.numpy()
+        docs = document_ids(windows, self.eos).numpy() if self.document_attention else None
+        parts = self._corrupt(tokens, self._noise(generator, len(tokens)), docs)
+        B, inputs_pad, targets_pad = len(tokens), self.inputs_pad, self.targets_pad
+        input_ids = _pad_right(parts[0], inputs_pad, self.pad)
+        labels = _pad_right(parts[1], targets_pad, IGNORE_INDEX)
+        decoder_input_ids = np.empty_like(labels)
+        decoder_input_ids[:, 0] = self.start
+        decoder_input_ids[:, 1:] = np.where(labels[:, :-1] == IGNORE_INDEX, self.pad, labels[:, :-1])
         batch = {}
         if self.document_attention:
             # padding takes the last document's id; the attention mask keeps it out of every real row
-            batch["document_ids"] = F.pad(torch.stack(parts[2]), (0, self.inputs_pad), mode="replicate")
-            batch["decoder_document_ids"] = F.pad(
-                torch.stack(parts[3]), (0, self.targets_pad), mode="replicate"
-            )
-        if self.inputs_pad:  # only when no raw length maps exactly onto seq_len
-            batch["attention_mask"] = F.pad(
-                torch.ones_like(input_ids, dtype=torch.bool), (0, self.inputs_pad)
-            )
-            input_ids = F.pad(input_ids, (0, self.inputs_pad), value=self.pad)
-        if self.targets_pad:
-            labels = F.pad(labels, (0, self.targets_pad), value=IGNORE_INDEX)
-        previous = labels[:, :-1].masked_fill(labels[:, :-1] == IGNORE_INDEX, self.pad)
-        start = torch.full((len(labels), 1), self.start, dtype=torch.long)
+            batch["document_ids"] = torch.from_numpy(_pad_right(parts[2], inputs_pad))
+            batch["decoder_document_ids"] = torch.from_numpy(_pad_right(parts[3], targets_pad))
+        if inputs_pad:  # only when no raw length maps exactly onto seq_len
+            mask = np.ones((B, self.seq_len), dtype=bool)
+            mask[:, -inputs_pad:] = False
+            batch["attention_mask"] = torch.from_numpy(mask)
         batch.update(
-            input_ids=input_ids, decoder_input_ids=torch.cat([start, previous], dim=1), labels=labels
+            input_ids=torch.from_numpy(input_ids),
+            decoder_input_ids=torch.from_numpy(decoder_input_ids),
+            labels=torch.from_numpy(labels),
         )
         return batch

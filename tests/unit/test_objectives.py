@@ -7,6 +7,7 @@ import torch
 
 from llmtrain.models import IGNORE_INDEX, ModelConfig, build_model
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption, compute_input_and_target_lengths
+from llmtrain.objectives.span_corruption import random_segmentation
 
 # --- causal LM -------------------------------------------------------------------------------------------------
 
@@ -363,3 +364,58 @@ def test_objectives_feed_their_models():
     batch = span(span_windows(span, rows=2, seed=11), generator=g)
     out = encoder_decoder(**batch)
     assert out.logits.shape == (2, span.target_length, SC_VOCAB) and torch.isfinite(out.loss)
+
+
+# --- the vectorised objectives against straightforward per-window references -------------------------------------
+
+
+def reference_span_corruption(objective: SpanCorruption, windows: torch.Tensor, generator: torch.Generator):
+    """One window at a time, in plain Python, drawing the same generator stream (noise cuts, then kept cuts)."""
+    inputs, targets = [], []
+    for window in windows.tolist():
+        noise = random_segmentation(objective.num_noise_tokens, objective.num_noise_spans, generator).tolist()
+        keep = random_segmentation(
+            objective.raw_length - objective.num_noise_tokens, objective.num_noise_spans, generator
+        ).tolist()
+        ins, outs, at = [], [], 0
+        for span, (k, n) in enumerate(zip(keep, noise)):
+            sentinel = objective.sentinels[span].item()
+            ins += window[at : at + k] + [sentinel]
+            outs += [sentinel] + window[at + k : at + k + n]
+            at += k + n
+        inputs.append(ins + [objective.eos] + [objective.pad] * objective.inputs_pad)
+        targets.append(outs + [objective.eos] + [IGNORE_INDEX] * objective.targets_pad)
+    return torch.tensor(inputs), torch.tensor(targets)
+
+
+@pytest.mark.parametrize(
+    "length, kwargs",
+    [
+        (512, {}),
+        (64, {"targets_length": 24}),
+        (27, {"noise_density": 0.5}),
+        (64, {"mean_noise_span_length": 1.0}),
+    ],
+)
+def test_span_corruption_equals_the_per_window_reference(length, kwargs):
+    objective = span_objective(length, **kwargs)
+    windows = span_windows(objective, rows=6, seed=11)
+    batch = objective(windows, torch.Generator().manual_seed(12))
+    inputs, labels = reference_span_corruption(objective, windows, torch.Generator().manual_seed(12))
+    assert torch.equal(batch["input_ids"], inputs) and torch.equal(batch["labels"], labels)
+
+
+def test_masked_lm_equals_the_torch_reference():
+    objective = MaskedLM(seq_len=64, vocab_size=MLM_VOCAB, mask_token_id=MASK, special_token_ids=SPECIAL)
+    windows = torch.randint(0, MLM_VOCAB, (8, 64), generator=torch.Generator().manual_seed(13))
+    batch = objective(windows, torch.Generator().manual_seed(14))
+    g = torch.Generator().manual_seed(14)
+    u, v = torch.rand(windows.shape, generator=g), torch.rand(windows.shape, generator=g)
+    ordinary = torch.tensor([i for i in range(MLM_VOCAB) if i not in SPECIAL])
+    random_ids = ordinary[torch.randint(len(ordinary), windows.shape, generator=g)]
+    selected = (u < 0.15) & ~torch.isin(windows, torch.tensor(SPECIAL))
+    expected = torch.where(
+        selected & (v < 0.8), MASK, torch.where(selected & (v >= 0.8) & (v < 0.9), random_ids, windows)
+    )
+    assert torch.equal(batch["input_ids"], expected)
+    assert torch.equal(batch["labels"], torch.where(selected, windows, IGNORE_INDEX))
