@@ -63,6 +63,47 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
 
+MATMUL_ATTENTION_MAX_SCORES = 1 << 20
+"""Largest query x key score matrix (per head) for which bf16 attention on the CPU runs as matmuls."""
+
+
+def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """bf16 on the CPU: scores by matmul (oneDNN's bf16 kernels, AMX where the CPU has it) beat SDPA's CPU
+    flash kernel, which is slower in bf16 than in fp32 here (decoder_small: 56 vs 46 ms per layer, forward
+    and backward; matmuls 38 ms; docs/benchmarks.md). The scores are materialised, so only while they are
+    small; CUDA always takes SDPA (flash / memory-efficient kernels)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and q.shape[-2] * k.shape[-2] <= MATMUL_ATTENTION_MAX_SCORES
+    )
+
+
+def matmul_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, as scaled_dot_product_attention defines it (bool mask: True may
+    attend; float mask: added). The softmax reduces in fp32 inside the kernel and stores bf16."""
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return probs @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention through scaled_dot_product_attention; self or cross, causal or not, GQA.
 
@@ -112,15 +153,14 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # each kv head serves n_heads / n_kv_heads query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal and mask is None,
-            scale=self.scale,
-        )  # (B, nh, T, hd)
+        dropout = self.dropout if self.training else 0.0
+        causal = self.causal and mask is None
+        if use_matmul_attention(q, k):
+            y = matmul_attention(q, k, v, mask, dropout, causal, self.scale)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.scale
+            )  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

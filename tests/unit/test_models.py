@@ -367,3 +367,25 @@ def test_loss_ignores_unlabelled_positions_and_is_zero_without_labels():
         assert out.n_targets.item() == 8
         none = model(ids, labels=torch.full_like(labels, IGNORE_INDEX))
     assert none.loss.item() == 0.0 and none.n_targets.item() == 0
+
+
+@pytest.mark.parametrize("kind", ["causal", "none", "bool", "bias", "bias_with_inf"])
+def test_matmul_attention_equals_sdpa(kind):
+    """The CPU bf16 path (matmuls + softmax) computes what scaled_dot_product_attention does, every mask kind."""
+    from llmtrain.models.blocks import matmul_attention, use_matmul_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g) for _ in range(3))
+    allowed = (torch.rand(2, 1, 16, 16, generator=g) > 0.3) | torch.eye(16, dtype=torch.bool)
+    bias = torch.randn(1, 4, 16, 16, generator=g)
+    mask = {"causal": None, "none": None, "bool": allowed, "bias": bias}.get(
+        kind, bias.masked_fill(~allowed, float("-inf"))
+    )
+    causal = kind == "causal"
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    torch.testing.assert_close(matmul_attention(q, k, v, mask, 0.0, causal, None), expected)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    assert use_matmul_attention(qb, kb) and not use_matmul_attention(q, k)
+    got = matmul_attention(qb, kb, vb, mask, 0.0, causal, None)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
