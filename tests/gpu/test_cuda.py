@@ -81,3 +81,40 @@ def test_compile_bf16(cuda_config):
     )
     result = trainer.fit()
     assert result["val_loss"] < result["initial_val_loss"] - 0.5
+
+
+@pytest.mark.parametrize("model", ["decoder", "encoder", "encoder_decoder"])
+def test_document_attention_on_cuda(cuda_config, model):
+    """Block-diagonal masks through CUDA SDPA (bool masks: the memory-efficient kernel), bf16."""
+    trainer = Trainer(
+        cuda_config(model, "trainer.precision=bf16", "data.document_attention=true", f"run_name={model}-docs")
+    )
+    result = trainer.fit()
+    assert result["val_loss"] < result["initial_val_loss"] - 0.5
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel=fsdp"]], ids=["single", "fsdp"])
+def test_nonfinite_guard_on_the_device(cuda_config, extra):
+    """Fused CUDA AdamW skips the poisoned update through found_inf; the loop names the step at its next log."""
+    from llmtrain.training.guards import NonFiniteError
+
+    trainer = Trainer(
+        cuda_config("decoder", "trainer.precision=bf16", "trainer.max_steps=10", "run_name=nan", *extra)
+    )
+    assert trainer.guard_on_device
+    forward, calls = trainer.forward_model, [0]
+
+    def poisoned(**batch):
+        out = forward(**batch)
+        calls[0] += 1
+        if calls[0] == 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.forward_model = poisoned
+    with pytest.raises(NonFiniteError, match="at step 4"):
+        trainer.fit()
+    assert all(
+        torch.isfinite(p.full_tensor() if hasattr(p, "full_tensor") else p).all()
+        for p in trainer.model.parameters()
+    )
