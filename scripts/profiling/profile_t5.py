@@ -1,4 +1,5 @@
-"""Where llmtrain's and HF's T5 step (bench_hf default shape, fp32) spend time: top ops by self CPU time."""
+"""Where llmtrain's and HF's T5 step (bench_hf default shape; fp32, or bf16 as argv[1]) spend time: top ops by
+self CPU time."""
 
 import argparse
 import sys
@@ -9,10 +10,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/
 from bench_hf import HFStep, llmtrain_trainer
 from torch.profiler import ProfilerActivity, profile
 
-args = argparse.Namespace(layers=4, width=256, seq=128, batch=8)
+args = argparse.Namespace(layers=4, width=256, seq=128, batch=8, compile=False, compile_hf=False)
 with tempfile.TemporaryDirectory() as out:
-    trainer = llmtrain_trainer("t5", "fp32", args, Path(out))
-    hf = HFStep("t5", "fp32", trainer, args)
+    precision = sys.argv[1] if len(sys.argv) > 1 else "fp32"
+    trainer = llmtrain_trainer("t5", precision, args, Path(out))
+    hf = HFStep("t5", precision, trainer, args)
     for name, step in (("llmtrain", trainer.train_step), ("hf", hf.train_step)):
         step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
