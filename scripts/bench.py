@@ -148,6 +148,7 @@ def bench(
         trainer.train_step()
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
+    trainer.guard.check()  # a non-finite step: raise, as a run would at its next log
     sequences = trainer.cfg.trainer.micro_batch_size * trainer.cfg.trainer.grad_accum_steps
     flops = forward_flops(trainer.cfg.model, lengths_for(trainer.cfg)).training * sequences / seconds
     peak_key = "bf16" if precision == "bf16" else "fp32"

@@ -166,6 +166,8 @@ def main() -> None:
             for key, (trainer, hf) in pairs.items():
                 times[key][0].append(timed(trainer.train_step, args.steps))
                 times[key][1].append(timed(hf.train_step, args.steps))
+        for trainer, _ in pairs.values():
+            trainer.guard.check()  # a non-finite step: raise, as a run would at its next log
         print(
             f"CPU threads {torch.get_num_threads()}; {args.layers} layers x {args.width}, seq {args.seq}, "
             f"batch {args.batch}; median of {args.reps} interleaved repetitions of {args.steps} steps; "

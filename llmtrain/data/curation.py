@@ -1102,7 +1102,7 @@ def digest_keys(digests: list[bytes]) -> np.ndarray:
 def sorted_run(keys: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(keys, local document numbers) sorted by key then document, from keys[n] or keys[n, bands] (rows where
     `present` is False, e.g. documents without a signature, left out)."""
-    keys = keys.reshape(len(keys), -1)
+    keys = keys[:, None] if keys.ndim == 1 else keys  # (a chunk whose documents were all filtered: 0 rows)
     docs = np.repeat(np.arange(len(keys), dtype=np.uint32), keys.shape[1])
     flat = keys.ravel()
     if present is not None:

@@ -91,7 +91,8 @@ class PrepareConfig:
     """auto (uint16 when the vocabulary fits, else uint32) | uint16 | uint32."""
     tokenizer_backend: str = "auto"
     """auto | tiktoken | tokenizers: who encodes. auto: tiktoken when it is installed and reproduces the byte-level
-    BPE (same ids on a probe text, and on every 32nd document, checked as the run goes), else tokenizers."""
+    BPE (same ids on a probe text, and on one document in TIKTOKEN_CHECK_EVERY, checked as the run goes),
+    else tokenizers."""
     tokenizer_sample_bytes: int | None = None
     """Without data.tokenizer.path: train the byte-level BPE on this many curated bytes (null: data.tokenizer.train_bytes)."""
 
@@ -141,6 +142,7 @@ def settings_key(data: DataConfig, prep: PrepareConfig, tokenizer: Tokenizer) ->
         "shard_bytes": prep.shard_bytes,
         "dtype": token_dtype(tokenizer.vocab_size, prep.dtype).name,
         "tokenizer": tokenizer.digest(),
+        "tokenizer_backend": prep.tokenizer_backend,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -680,6 +682,8 @@ def prepare_shards(data: DataConfig, prep: PrepareConfig) -> dict:
     manifest = _write_manifest(folder, data, prep, tokenizer, dtype, settings, records, report)
     for name in (VERDICTS, DEDUP_STATE):
         (folder / name).unlink(missing_ok=True)
+    for leftover in folder.glob("stage-*"):  # a chunk finished just before a crash kept its staged files
+        leftover.unlink()
     return manifest
 
 

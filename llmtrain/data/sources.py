@@ -98,7 +98,8 @@ def _read_local(files: list[Path], field: str) -> Iterator[str]:
                 raise DataError(f"data.paths: {path}: could not be read: {err}") from None
             continue
         try:
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of line 1
+                first = True
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -108,13 +109,16 @@ def _read_local(files: list[Path], field: str) -> Iterator[str]:
                         raise DataError(
                             f"data.paths: {path}: could not be read: line {lineno} is not valid JSON ({err})"
                         ) from None
-                    if not isinstance(record, dict) or field not in record:
+                    # as `datasets` reads JSON lines: the first record sets the columns (a file without the
+                    # text column is an error); a later record without it holds no text
+                    if not isinstance(record, dict) or (first and field not in record):
                         columns = sorted(record) if isinstance(record, dict) else type(record).__name__
                         raise DataError(
                             f"data.paths ({path}, line {lineno}): no column {field!r} (data.text_field); "
                             f"columns: {columns}"
                         )
-                    text = record[field]
+                    first = False
+                    text = record.get(field)
                     if text is not None and not isinstance(text, str):
                         raise DataError(
                             f"data.paths ({path}, line {lineno}): column {field!r} (data.text_field) holds "

@@ -89,16 +89,20 @@ def matmul_attention(
     scale: float | None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, as scaled_dot_product_attention defines it (bool mask: True may
-    attend; float mask: added). The softmax reduces in fp32 inside the kernel and stores bf16."""
+    attend; float mask: added; is_causal: the top-left lower triangle; a row that may attend to nothing gives
+    zeros). The softmax reduces in fp32 inside the kernel and stores bf16."""
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    may_be_empty = mask is not None  # a causal row always has its own key
     if causal:
-        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    if may_be_empty:
+        probs = probs.nan_to_num(0.0)  # rows with every key masked: softmax over -inf only
     if dropout:
         probs = F.dropout(probs, dropout)
     return probs @ v

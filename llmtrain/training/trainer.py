@@ -223,8 +223,11 @@ class Trainer:
         self.guard = NonFiniteGuard(t.nonfinite, t.max_skips, check_grad_norm=self.precision != "fp16")
         # fused AdamW takes found_inf (as under GradScaler): the guard's verdict stays on the device and the
         # optimizer skips a bad update itself, so a step needs no host sync; others decide on the host
-        self.guard_on_device = self.scaler is None and getattr(
-            self.optimizer, "_step_supports_amp_scaling", False
+        # (not with parameters offloaded to the CPU: the flag would cross devices without a sync)
+        self.guard_on_device = (
+            self.scaler is None
+            and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+            and all(p.device == self.device for p in self.model.parameters())
         )
         self.spikes = SpikeDetector(t.spike_factor)
 

@@ -115,6 +115,19 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path):
         list(iter_documents(files_config([path], tmp_path)))
 
 
+def test_jsonl_reads_like_datasets(tmp_path):
+    """What `datasets` accepted still reads: a byte-order mark, CRLF, blank lines, null text, and a later
+    record without the text column (no text); a first record without it names the file."""
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"text": "first"}\r\n\r\n{"text": null}\n{"other": 1}\n{"text": "last", "id": 3}\n'
+    )
+    assert list(iter_documents(files_config([path], tmp_path))) == ["first", "last"]
+    path.write_text('{"body": "x"}\n{"text": "y"}\n')
+    with pytest.raises(DataError, match=r"a.jsonl, line 1\): no column 'text'"):
+        list(iter_documents(files_config([path], tmp_path)))
+
+
 def test_unknown_extension_is_named(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("x\n")

@@ -384,6 +384,15 @@ def test_matmul_attention_equals_sdpa(kind):
     causal = kind == "causal"
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     torch.testing.assert_close(matmul_attention(q, k, v, mask, 0.0, causal, None), expected)
+    if kind == "bool":  # a row that may attend to nothing: zeros, as SDPA gives
+        empty = mask.clone()
+        empty[0, 0, 3] = False
+        reference = F.scaled_dot_product_attention(q, k, v, attn_mask=empty)
+        torch.testing.assert_close(matmul_attention(q, k, v, empty, 0.0, False, None), reference)
+        assert (matmul_attention(q, k, v, empty, 0.0, False, None)[0, :, 3] == 0).all()
+    if kind == "causal":  # fewer queries than keys: SDPA's is_causal is the top-left triangle
+        reference = F.scaled_dot_product_attention(q[:, :, :5], k, v, is_causal=True)
+        torch.testing.assert_close(matmul_attention(q[:, :, :5], k, v, None, 0.0, True, None), reference)
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     assert use_matmul_attention(qb, kb) and not use_matmul_attention(q, k)
     got = matmul_attention(qb, kb, vb, mask, 0.0, causal, None)

@@ -276,3 +276,12 @@ def test_tiktoken_gives_the_same_ids_as_tokenizers(tmp_path):
     for text in texts:
         assert shards_module._tiktoken_ids(encoding, text) == tokenizer.encode(text), text
     assert shards_module._encode(texts, tokenizer, encoding) == shards_module._encode(texts, tokenizer)
+
+
+def test_a_chunk_whose_documents_are_all_filtered(tmp_path):
+    """The last chunk holds only a document that normalises to nothing: no crash, nothing of it kept."""
+    path = write_jsonl(tmp_path / "docs.jsonl", DOCS[:20] + ["\x01\x02 \n"])
+    data = data_config(path, tmp_path / "cache")
+    manifest = prepare_shards(data, prep_config(tmp_path / "shards", shard_bytes=1))
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 20
+    assert not list((tmp_path / "shards").glob("stage-*"))
