@@ -91,8 +91,16 @@ class Result:
 
 
 def make_trainer(
-    name: str, precision: str, compile_: bool, parallel: str, batch: int | None, out: Path, ac: bool = False
+    name: str,
+    precision: str,
+    compile_: bool,
+    parallel: str,
+    batch: int | None,
+    out: Path,
+    ac: bool = False,
+    documents: int = 0,
 ) -> Trainer:
+    """documents > 0: an EOS every `documents` tokens and data.document_attention=true (block-diagonal masks)."""
     model, seq_len, vocab, micro_batch = SHAPES[name]
     cfg = TrainConfig()
     cfg.model = replace(model, vocab_size=vocab)
@@ -107,7 +115,11 @@ def make_trainer(
     cfg.output_dir, cfg.run_name = str(out), f"{name}-{precision}-{compile_}-{parallel}"
     rng = np.random.default_rng(0)
     tokens = rng.integers(105, vocab, size=4_000_000, dtype=np.int64).astype(np.uint32)
-    corpus = Corpus(SyntheticTokenizer(vocab), tokens, tokens[:200_000], Path("synthetic"))
+    tokenizer = SyntheticTokenizer(vocab)
+    if documents:
+        tokens[documents - 1 :: documents] = tokenizer.eos_id
+        cfg.data.document_attention = True
+    corpus = Corpus(tokenizer, tokens, tokens[:200_000], Path("synthetic"))
     return Trainer(cfg, corpus=corpus)
 
 
@@ -133,9 +145,9 @@ def tracked_step_peak(trainer: Trainer) -> int:
 
 def bench(
     name: str, precision: str, compile_: bool, parallel: str, steps: int, warmup: int, batch, peaks, out,
-    ac: bool = False, track_memory: bool = False,
+    ac: bool = False, track_memory: bool = False, documents: int = 0,
 ):  # fmt: skip
-    trainer = make_trainer(name, precision, compile_, parallel, batch, out, ac)
+    trainer = make_trainer(name, precision, compile_, parallel, batch, out, ac, documents)
     device = trainer.device
     for _ in range(warmup):
         trainer.train_step()
@@ -210,6 +222,13 @@ def main() -> None:
     parser.add_argument(
         "--track-memory", action="store_true", help="also run one step under MemTracker (peak tensor bytes)"
     )
+    parser.add_argument(
+        "--document-attention",
+        type=int,
+        default=0,
+        metavar="N",
+        help="documents of N tokens (an EOS every N) with data.document_attention=true",
+    )
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args()
 
@@ -230,7 +249,7 @@ def main() -> None:
             for precision in args.precisions:
                 r = bench(
                     name, precision, args.compile, args.parallel, args.steps, args.warmup, args.batch, peaks, Path(out),
-                    args.activation_checkpointing, args.track_memory,
+                    args.activation_checkpointing, args.track_memory, args.document_attention,
                 )  # fmt: skip
                 results.append(r)
                 sheet = f"{r.mfu_datasheet:6.1%}" if r.mfu_datasheet is not None else "     -"

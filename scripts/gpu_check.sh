@@ -23,3 +23,6 @@ timeout 300 $RUN1 --parallel fsdp --compile --shapes $SHAPES --json "$OUT/fsdp_c
 if [ "${SKIP_SINGLE:-0}" != 1 ]; then
   timeout 300 python3 scripts/bench.py --precisions bf16 --steps 8 --warmup 2 --compile --shapes $SHAPES --json "$OUT/single_compile.json" 2>&1 | grep -v INFO | tee -a "$OUT/bench.log"
 fi
+if [ "${SKIP_DOCS:-0}" != 1 ]; then  # document-aware attention: boolean block masks (documents of 512 tokens)
+  timeout 300 python3 scripts/bench.py --precisions bf16 --steps 8 --warmup 2 --compile --document-attention 512 --shapes $SHAPES --json "$OUT/single_compile_documents.json" 2>&1 | grep -v INFO | tee -a "$OUT/bench.log"
+fi
