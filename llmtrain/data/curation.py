@@ -1162,9 +1162,9 @@ def _partition_pairs(runs: list[KeyRun], budget: int, limit: int):
             if b > a:
                 keys.append(np.asarray(run.keys[a:b]))
                 docs.append(np.asarray(run.docs[a:b]).astype(np.uint64) + np.uint64(run.offset))
-        if keys:
-            release_pages(a for run in runs for a in (run.keys, run.docs))
-            k, d = np.concatenate(keys), np.concatenate(docs)
+        k, d = (np.concatenate(keys), np.concatenate(docs)) if keys else (None, None)
+        release_pages(a for run in runs for a in (run.keys, run.docs))  # what was read is copied into k, d
+        if k is not None:
             order = np.argsort(k, kind="stable")  # runs come in document order, each sorted by (key, doc)
             yield _group_pairs(k[order], d[order], limit)
 

@@ -43,13 +43,6 @@ def compute_input_and_target_lengths(
     return raw, targets_length
 
 
-def random_segmentation(num_items: int, num_segments: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Lengths (num_segments,) of a random partition of num_items into non-empty segments."""
-    cuts = torch.randperm(num_items - 1, generator=generator)[: num_segments - 1] + 1
-    bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values, torch.tensor([num_items])])
-    return bounds.diff()
-
-
 def _pad_right(x: np.ndarray, n: int, value: int | None = None) -> np.ndarray:
     """x (B, W) with n more columns of `value` (None: copies of the last column)."""
     if n == 0:
@@ -107,8 +100,8 @@ class SpanCorruption:
 
     def noise_mask(self, generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
         """Bool (raw_length,), or (rows, raw_length): alternating non-noise / noise spans, starting with
-        non-noise (as T5). Each row draws its cuts as `random_segmentation` does, one row after another, so a
-        batch of B windows draws what B single windows would."""
+        non-noise (as T5). Each row draws its cuts (torch.randperm of the gaps, noise then kept), row after
+        row, so a batch of B windows draws what B single windows would."""
         mask = torch.from_numpy(self._noise(generator, 1 if rows is None else rows))
         return mask[0] if rows is None else mask
 
@@ -117,7 +110,7 @@ class SpanCorruption:
         n_keep = self.raw_length - n_noise
         cuts = np.empty((n, 2, spans + 1), dtype=np.int64)  # [:, 0] noise, [:, 1] kept: 0, sorted cuts, total
         cuts[:, :, 0], cuts[:, 0, -1], cuts[:, 1, -1] = 0, n_noise, n_keep
-        for row in range(n):  # the generator's stream, as random_segmentation draws it (the only torch calls)
+        for row in range(n):  # the generator's stream: the only torch calls
             cuts[row, 0, 1:-1] = torch.randperm(n_noise - 1, generator=generator)[: spans - 1].numpy() + 1
             cuts[row, 1, 1:-1] = torch.randperm(n_keep - 1, generator=generator)[: spans - 1].numpy() + 1
         cuts[:, :, 1:-1].sort(axis=2)

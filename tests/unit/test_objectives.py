@@ -7,7 +7,6 @@ import torch
 
 from llmtrain.models import IGNORE_INDEX, ModelConfig, build_model
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption, compute_input_and_target_lengths
-from llmtrain.objectives.span_corruption import random_segmentation
 
 # --- causal LM -------------------------------------------------------------------------------------------------
 
@@ -367,6 +366,13 @@ def test_objectives_feed_their_models():
 
 
 # --- the vectorised objectives against straightforward per-window references -------------------------------------
+
+
+def random_segmentation(num_items: int, num_segments: int, generator: torch.Generator) -> torch.Tensor:
+    """Lengths of a random partition of num_items into num_segments non-empty segments (T5's helper)."""
+    cuts = torch.randperm(num_items - 1, generator=generator)[: num_segments - 1] + 1
+    bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values, torch.tensor([num_items])])
+    return bounds.diff()
 
 
 def reference_span_corruption(objective: SpanCorruption, windows: torch.Tensor, generator: torch.Generator):
