@@ -13,18 +13,51 @@ from llmtrain.models.config import GATED_MLPS, ModelConfig
 from llmtrain.models.positions import RelativePositionBias, Rotary
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight (Zhang & Sennrich 2019); statistics in fp32."""
+class _RMSNormFunction(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight in fp32, written in `out_dtype`, forward and backward by hand:
+    three passes over x forward and six backward, where autograd through the same formula takes about
+    twice as many and saves both x and the normalised x. Only x / rms (fp32) and 1 / rms are kept."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = (torch.linalg.vecdot(x32, x32) / x.shape[-1] + eps).rsqrt_().unsqueeze(-1)
+        normed = x32 * rstd
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        torch.mul(normed, weight.to(normed.dtype), out=out)
+        ctx.save_for_backward(normed, rstd, weight)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        normed, rstd, weight = ctx.saved_tensors
+        grad_weight = (grad_out * normed).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_normed = grad_out * weight.to(normed.dtype)
+        dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(normed.shape[-1])
+        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd)
+        return grad_x.to(ctx.x_dtype), grad_weight, None, None
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019); statistics in fp32.
+
+    cast_output: under autocast, write the result in the autocast dtype (for a norm whose output only
+    feeds matmuls, which would cast it anyway); otherwise the result has the input's dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, cast_output: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.cast_output = eps, cast_output
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).type_as(x)
+        device = x.device.type
+        out_dtype = x.dtype
+        if self.cast_output and torch.is_autocast_enabled(device):
+            out_dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
@@ -38,9 +71,11 @@ class LayerNorm(nn.LayerNorm):
         self.reset_parameters()
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, feeds_matmuls: bool = False) -> nn.Module:
+    """feeds_matmuls: the output is only read by linear layers (a pre-norm sublayer's input norm), so an
+    RMSNorm may write it in the autocast dtype directly."""
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
+        return RMSNorm(cfg.d_model, cfg.norm_eps, cast_output=feeds_matmuls)
     return LayerNorm(cfg.d_model, cfg.norm_eps, bias=cfg.bias)
 
 
@@ -79,6 +114,40 @@ def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     )
 
 
+class _MatmulAttention(torch.autograd.Function):
+    """softmax(q k^T + mask) v with q already scaled, forward and backward by hand: autograd's version of
+    the same ops scales and masks the scores again in backward and runs the softmax in fp32 under autocast
+    (two casts of the score matrix each way); here the bf16 softmax reduces in fp32 inside its kernel and
+    the masked scores' gradient is the softmax backward alone (their probabilities are 0)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, may_be_empty):
+        scores = q @ k.transpose(-1, -2)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, float("-inf"))
+            else:
+                scores.add_(mask)
+        probs = torch.softmax(scores, dim=-1)
+        if may_be_empty:
+            probs.nan_to_num_(0.0)  # rows with every key masked: softmax over -inf only
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.mask_shape = None if mask is None or mask.dtype == torch.bool else mask.shape
+        return probs @ v
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs = ctx.saved_tensors
+        grad_v = probs.transpose(-1, -2) @ grad_out
+        grad_scores = torch._softmax_backward_data(grad_out @ v.transpose(-1, -2), probs, -1, probs.dtype)
+        grad_q = grad_scores @ k
+        grad_k = grad_scores.transpose(-1, -2) @ q
+        grad_mask = None
+        if ctx.mask_shape is not None and ctx.needs_input_grad[3]:  # T5's learned position bias
+            grad_mask = grad_scores.sum_to_size(ctx.mask_shape)
+        return grad_q, grad_k, grad_v, grad_mask, None
+
+
 def matmul_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,21 +160,35 @@ def matmul_attention(
     """softmax(q k^T * scale + mask) v, as scaled_dot_product_attention defines it (bool mask: True may
     attend; float mask: added; is_causal: the top-left lower triangle; a row that may attend to nothing gives
     zeros). The softmax reduces in fp32 inside the kernel and stores bf16."""
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)  # cheaper on q than on the scores
     may_be_empty = mask is not None  # a causal row always has its own key
     if causal:
         mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    if not dropout:
+        with torch.autocast(q.device.type, enabled=False):
+            return _MatmulAttention.apply(q, k, v, mask, may_be_empty)
+    scores = q @ k.transpose(-1, -2)
     if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     if may_be_empty:
-        probs = probs.nan_to_num(0.0)  # rows with every key masked: softmax over -inf only
-    if dropout:
-        probs = F.dropout(probs, dropout)
-    return probs @ v
+        probs = probs.nan_to_num(0.0)
+    return F.dropout(probs, dropout) @ v
+
+
+def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """The outputs of several projections of the same input, concatenated on the last dim, by one matmul.
+
+    The parameters stay separate (checkpoints, export and init see q_proj, k_proj, ...); their
+    concatenation costs a copy of the weights, small beside the activations. One larger matmul runs
+    closer to the hardware's rate than three small ones, and autocast casts the input and the autograd
+    engine sums its gradient once instead of once per projection.
+    """
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    return F.linear(x, weight, bias)
 
 
 class Attention(nn.Module):
@@ -127,11 +210,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
 
+    def heads(self, y: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, T, n * hd) -> (B, n, T, hd)."""
+        return y.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
     def project_kv(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, S, _ = src.shape
-        k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
-        v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        k, v = fused_linear(src, (self.k_proj, self.v_proj)).chunk(2, dim=-1)
+        return self.heads(k, self.n_kv_heads), self.heads(v, self.n_kv_heads)  # (B, nkv, S, hd)
 
     def forward(
         self,
@@ -141,15 +226,27 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        if self.cross and cache is not None:
-            if cache.cross_keys is None:
-                cache.cross_keys, cache.cross_values = self.project_kv(context)
-            k, v = cache.cross_keys, cache.cross_values
-        else:
-            k, v = self.project_kv(x if context is None else context)
+        if self.cross:
+            q = self.heads(self.q_proj(x), self.n_heads)  # (B, nh, T, hd)
+            if cache is None:
+                k, v = self.project_kv(context)
+            else:
+                if cache.cross_keys is None:
+                    cache.cross_keys, cache.cross_values = self.project_kv(context)
+                k, v = cache.cross_keys, cache.cross_values
+        else:  # one matmul for q, k and v
+            qkv = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
             if self.rotary is not None:
-                q, k = self.rotary(q, k, start=cache.length if cache is not None else 0)
+                start = cache.length if cache is not None else 0
+                q, k, v = self.rotary.split_rotate(qkv, self.n_heads, self.n_kv_heads, start)
+            else:
+                kv_dim = self.n_kv_heads * self.head_dim
+                q, k, v = qkv.split((self.n_heads * self.head_dim, kv_dim, kv_dim), dim=-1)
+                q, k, v = (
+                    self.heads(q, self.n_heads),
+                    self.heads(k, self.n_kv_heads),
+                    self.heads(v, self.n_kv_heads),
+                )
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, nkv, past + T, hd)
         if mask is not None and mask.is_floating_point():
@@ -180,6 +277,35 @@ class Activation(nn.Module):
         return F.silu(x) if self.silu else F.gelu(x, approximate=self.approximate)
 
 
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up of h = [gate | up] (the fused gate and up projections), whose backward writes the
+    gradient of h in place, both halves, instead of two gradients that autograd would concatenate."""
+
+    @staticmethod
+    def forward(ctx, h, silu, approximate):
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) if silu else F.gelu(gate, approximate=approximate)
+        ctx.save_for_backward(h, act)
+        ctx.silu, ctx.approximate = silu, approximate
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad = torch.empty_like(h)
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.mul(act, grad_y, out=grad_up)
+        grad_act = grad_y * up
+        if ctx.silu:
+            torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_gate)
+        else:
+            torch.ops.aten.gelu_backward.grad_input(
+                grad_act, gate, approximate=ctx.approximate, grad_input=grad_gate
+            )
+        return grad, None, None
+
+
 class MLP(nn.Module):
     """GELU MLP (GPT-2/BERT), or gated: SwiGLU (Shazeer 2020, LLaMA) or GEGLU (T5 v1.1).
 
@@ -195,8 +321,9 @@ class MLP(nn.Module):
         self.act = Activation("silu" if cfg.mlp == "swiglu" else "gelu", cfg.gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gated:  # one matmul for gate and up
+            h = fused_linear(x, (self.gate_proj, self.up_proj))
+            return self.down_proj(_GatedActivation.apply(h, self.act.silu, self.act.approximate))
         return self.down_proj(self.act(self.up_proj(x)))
 
 
@@ -221,11 +348,12 @@ class Block(nn.Module):
         self, cfg: ModelConfig, causal: bool, cross_attention: bool = False, rotary: Rotary | None = None
     ):
         super().__init__()
-        self.attn_norm = make_norm(cfg)
+        pre_norm = cfg.norm_position == "pre"  # a pre-norm sublayer's norm output goes only to its linears
+        self.attn_norm = make_norm(cfg, feeds_matmuls=pre_norm)
         self.attn = Attention(cfg, causal=causal, rotary=rotary)
-        self.cross_norm = make_norm(cfg) if cross_attention else None
+        self.cross_norm = make_norm(cfg, feeds_matmuls=pre_norm) if cross_attention else None
         self.cross_attn = Attention(cfg, causal=False, cross=True) if cross_attention else None
-        self.mlp_norm = make_norm(cfg)
+        self.mlp_norm = make_norm(cfg, feeds_matmuls=pre_norm)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.post_norm = cfg.norm_position == "post"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.models.blocks import HeadTransform, init_weights
@@ -24,13 +23,53 @@ class ModelOutput:
     """How many labelled positions the loss averages over."""
 
 
+def loss_chunk_elements(device: torch.device) -> int:
+    """Logits per chunk of the loss: a chunk's fp32 copy stays in a CPU core's cache; on a GPU, a few large
+    chunks bound the fp32 temporaries without many small kernels."""
+    return 1 << 20 if device.type == "cpu" else 1 << 27
+
+
+class CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of (N, V) logits of any dtype, reduced in fp32, over labels != IGNORE_INDEX.
+
+    The same value and gradient as F.cross_entropy(logits.float(), labels, reduction="sum"), computed a chunk
+    of rows at a time: forward keeps only each row's log-sum-exp, backward writes softmax - onehot straight
+    into a gradient of the logits' dtype. The built-in path materialises the fp32 logits and their
+    log-softmax (and, backward, a zero-filled fp32 gradient and its cast back) at full size.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        valid = labels != IGNORE_INDEX
+        safe = labels.masked_fill(~valid, 0)
+        rows = max(1, loss_chunk_elements(logits.device) // logits.shape[1])
+        lse = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in logits.split(rows)])
+        target = logits.gather(1, safe[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.rows = rows
+        return ((lse - target) * valid).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, safe, valid, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        weight = valid.float() * grad_total  # d total / d row: the incoming gradient where the label counts
+        for start in range(0, logits.shape[0], ctx.rows):
+            rows = slice(start, start + ctx.rows)
+            p = grad[rows] if grad.dtype == torch.float32 else None  # else an fp32 chunk, cast on the copy
+            p = torch.sub(logits[rows].float(), lse[rows, None], out=p).exp_().mul_(weight[rows, None])
+            p.scatter_add_(1, safe[rows, None], -weight[rows, None])
+            if p.dtype != grad.dtype:
+                grad[rows] = p
+        return grad, None
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean fp32 cross-entropy over labels != IGNORE_INDEX, and their count. No host sync."""
     labels = labels.reshape(-1)
     n_targets = (labels != IGNORE_INDEX).sum()
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    with torch.autocast(logits.device.type, enabled=False):
+        total = CrossEntropySum.apply(logits.reshape(-1, logits.shape[-1]), labels)
     return total / n_targets.clamp(min=1), n_targets
 
 

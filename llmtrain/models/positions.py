@@ -26,6 +26,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: float) -> None:
+    """out = x with its halves rotated by +angle (sign 1) or -angle (sign -1), written in place."""
+    x1, x2 = x.chunk(2, dim=-1)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """Fused projections (B, T, (nh + 2 nkv) * hd) -> rotated q (B, nh, T, hd), rotated k and v (B, nkv, T, hd),
+    each contiguous. Backward writes the three gradients straight into the fused projections' gradient; with
+    plain split views autograd would concatenate them, and v's view would keep the whole fused output alive."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_heads, n_kv_heads):
+        B, T, width = qkv.shape
+        head_dim = width // (n_heads + 2 * n_kv_heads)
+        q, k, v = (
+            qkv.unflatten(-1, (-1, head_dim)).transpose(1, 2).split((n_heads, n_kv_heads, n_kv_heads), 1)
+        )
+        q_out, k_out = (
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+        )
+        _rotate(q, cos, sin, q_out, 1.0)
+        _rotate(k, cos, sin, k_out, 1.0)
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = (n_heads, n_kv_heads, head_dim)
+        return q_out, k_out, v.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        n_heads, n_kv_heads, head_dim = ctx.heads
+        B, _, T, _ = grad_q.shape
+        grad = torch.empty(B, T, n_heads + 2 * n_kv_heads, head_dim, dtype=grad_q.dtype, device=grad_q.device)
+        gq, gk, gv = grad.transpose(1, 2).split((n_heads, n_kv_heads, n_kv_heads), 1)
+        _rotate(grad_q, cos, sin, gq, -1.0)
+        _rotate(grad_k, cos, sin, gk, -1.0)
+        gv.copy_(grad_v)
+        return grad.flatten(-2), None, None, None, None
+
+
 class Rotary(nn.Module):
     """Holds the cos/sin tables as non-persistent buffers (rebuilt by init_weights, so meta init works)."""
 
@@ -48,6 +91,21 @@ class Rotary(nn.Module):
                 f"position {start + q.shape[-2] - 1} is past the rotary table of model.max_seq_len={self.max_seq_len}"
             )
         return apply_rope(q, self.cos, self.sin, start), apply_rope(k, self.cos, self.sin, start)
+
+    def split_rotate(
+        self, qkv: torch.Tensor, n_heads: int, n_kv_heads: int, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused q/k/v projections (B, T, (nh + 2 nkv) * hd) of positions start..start+T-1 -> q and k
+        rotated, (B, nh, T, hd) and (B, nkv, T, hd), and v (B, nkv, T, hd); what forward() gives on the
+        split heads, in fewer passes."""
+        T = qkv.shape[1]
+        if start + T > self.max_seq_len:
+            raise ValueError(
+                f"position {start + T - 1} is past the rotary table of model.max_seq_len={self.max_seq_len}"
+            )
+        cos, sin = self.cos[start : start + T].to(qkv.dtype), self.sin[start : start + T].to(qkv.dtype)
+        with torch.autocast(qkv.device.type, enabled=False):
+            return _RotaryQKV.apply(qkv, cos, sin, n_heads, n_kv_heads)
 
 
 def relative_position_bucket(

@@ -393,8 +393,42 @@ def test_matmul_attention_equals_sdpa(kind):
     if kind == "causal":  # fewer queries than keys: SDPA's is_causal is the top-left triangle
         reference = F.scaled_dot_product_attention(q[:, :, :5], k, v, is_causal=True)
         torch.testing.assert_close(matmul_attention(q[:, :, :5], k, v, None, 0.0, True, None), reference)
+    # gradients, the hand-written backward against autograd through SDPA (q, k, v and the float mask)
+    grad_out = torch.randn(2, 4, 16, 8, generator=g)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    masks = [None if mask is None else mask.clone().requires_grad_(mask.is_floating_point()) for _ in "ab"]
+    (F.scaled_dot_product_attention(*inputs, attn_mask=masks[0], is_causal=causal) * grad_out).sum().backward()
+    expected_grads = [t.grad for t in inputs] + ([masks[0].grad] if kind.startswith("bias") else [])
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    (matmul_attention(*inputs, masks[1], 0.0, causal, None) * grad_out).sum().backward()
+    got_grads = [t.grad for t in inputs] + ([masks[1].grad] if kind.startswith("bias") else [])
+    for got_grad, expected_grad in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got_grad, expected_grad)
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     assert use_matmul_attention(qb, kb) and not use_matmul_attention(q, k)
     got = matmul_attention(qb, kb, vb, mask, 0.0, causal, None)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_the_builtin(dtype, monkeypatch):
+    """lm_loss's hand-written cross-entropy: the value and logits gradient of F.cross_entropy on the fp32
+    logits, with ignored labels, over several row chunks (the last one short)."""
+    from llmtrain.models import heads
+
+    monkeypatch.setattr(heads, "loss_chunk_elements", lambda device: 3 * 50)  # 3 rows of 50 per chunk
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 7, 50, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 50, (2, 7), generator=g)
+    labels[0, 2] = labels[1, 6] = IGNORE_INDEX
+    ours = logits.clone().requires_grad_()
+    loss, n = heads.lm_loss(ours, labels)
+    (loss * 3.0).backward()
+    builtin = logits.clone().requires_grad_()
+    expected = F.cross_entropy(builtin.float().reshape(-1, 50), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    (expected * 3.0).backward()
+    assert n.item() == 12 and loss.dtype == torch.float32 and ours.grad.dtype == dtype
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ours.grad, builtin.grad)
+    assert (ours.grad[0, 2] == 0).all() and (ours.grad[1, 6] == 0).all()
