@@ -10,22 +10,26 @@ DDP, shard_size = world size is full sharding. CPU offload moves whatever the st
 Activations are what autograd saves for backward, derived tensor by tensor from `llmtrain.models.blocks`
 with scaled_dot_product_attention (flash / memory-efficient / CPU flash kernels store no T x T scores, only
 q, k, v, the output and a per-row log-sum-exp). Per token and layer, with h = d_model, w = n_heads * head_dim
-(= h unless d_head is set), f = the MLP width, e = bytes per activation, c = 1 (c = 3 for q/k/v and 2 for
-gate/up under autocast, which casts the input once per linear that reads it), in bytes:
+(= h unless d_head is set), f = the MLP width, e = bytes per activation, in bytes (q, k and v are one
+fused matmul and gate and up another, so each sublayer's input is saved, and cast under autocast, once):
 
-    attention:  norm + e * (c*h [linear inputs] + 3w [q, k, v; k and v after GQA repetition]
+    attention:  norm + e * (h [linear input] + 3w [q, k, v; k and v after GQA repetition]
                             + 2w [SDPA output, and the contiguous copy o_proj reads]) + 4 * n_heads [log-sum-exp]
-    MLP:        norm + e * (c*h + 4f) gated (SwiGLU/GEGLU: gate, act(gate), up, product), e * (h + 2f) GELU
-    norm:       8h for RMSNorm (x and x/rms, kept in fp32), r*h for LayerNorm (its input; r = bytes of the
+                (without rotary positions and with GQA, q, k and v are views that keep the whole fused
+                projection, w + 2 * kv width, besides the repeated k and v)
+    MLP:        norm + e * (h + 4f) gated (SwiGLU/GEGLU: [gate | up], act(gate), product), e * (h + 2f) GELU
+    norm:       4h + 4 for RMSNorm (x/rms in fp32, and 1/rms), r*h for LayerNorm (its input; r = bytes of the
                 residual stream: 4 in fp32 and under autocast, 2 in pure 16 bit)
 
 Post-norm blocks (BERT) save the same tensors in another order. A decoder block of an encoder-decoder adds
 cross-attention: norm + e * (h + 3w) per decoder token and e * 2w per encoder token (k, v). Each stack adds
 its final norm (pre-norm), embedding norm (if any) and T5's relative bias, a (1, heads, T, T) float mask
 (cast once per block under autocast). The head adds per predicted position its input (e*h; BERT's transform
-adds 2e*h and a norm) and the fp32 log-softmax the loss keeps (4V); the logits are freed once the loss is
-taken (the trainer keeps only `.loss`). At the start of the backward pass two more fp32 V-wide gradients
-exist, which is where the step usually peaks. For comparison, Korthikanti et al. 2022 give sbh(34 + 5as/h)
+adds 2e*h and a norm) and the logits (e*V, the loss's backward recomputes the softmax from them) with their
+fp32 log-sum-exp. At the start of the backward pass the logits' gradient (e*V, and in 16 bit one fp32 chunk
+of at most 2^25 logits it is computed in) exists, which is where the step usually peaks; with a small
+vocabulary the peak is instead inside the first block's backward (all activations + that block's gradients).
+For comparison, Korthikanti et al. 2022 give sbh(34 + 5as/h)
 bytes per layer in 16 bit for Megatron's GELU/LayerNorm block with dropout and stored scores; without the
 scores (5as/h) and the two dropout masks (2sbh) that is 32sbh. Our formula gives 34sbh for that block in
 pure 16 bit: the SDPA output is kept besides the copy o_proj reads.
@@ -46,8 +50,10 @@ of T5's bias (transient, (B, heads, T, T) for one block), the CUDA context and a
 gradient_as_bucket_view=True).
 
 Checked against measurement (tests/unit/test_measure_memory.py): every family, fp32 / bf16 autocast, with
-and without checkpointing, within 8% of the peak tensor memory on CPU, and within 3% of
-torch.cuda.max_memory_allocated on an H200.
+and without checkpointing, within 10% of the peak tensor memory on CPU (the tiny test models; the widest
+gap, 9%, is fp32 with checkpointing, whose peak also holds the gradients of the blocks already done), and
+within 3% of torch.cuda.max_memory_allocated on an H200 (measured before the fused projections and the
+hand-written loss; not re-measured since).
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ from llmtrain.measure.shapes import Lengths, largest_block_parameters, parameter
 from llmtrain.models.config import GATED_MLPS, ModelConfig
 
 FP32 = 4
+LOSS_CHUNK = 1 << 25
+"""Logits per chunk of the loss on a GPU (llmtrain.models.heads.loss_chunk_elements; smaller on a CPU)."""
 
 
 @dataclass(frozen=True)
@@ -196,8 +204,10 @@ def activation_precision(setup: Setup) -> Precision:
 
 
 def _norm_bytes(cfg: ModelConfig, p: Precision) -> int:
-    """Bytes one norm saves per token: RMSNorm keeps x and x/rms in fp32, LayerNorm its input."""
-    return cfg.d_model * (2 * FP32 if cfg.norm == "rmsnorm" else p.residual)
+    """Bytes one norm saves per token: RMSNorm keeps x/rms in fp32 (and 1/rms), LayerNorm its input."""
+    return cfg.d_model * (FP32 if cfg.norm == "rmsnorm" else p.residual) + (
+        FP32 if cfg.norm == "rmsnorm" else 0
+    )
 
 
 def _q_width(cfg: ModelConfig) -> int:
@@ -205,16 +215,18 @@ def _q_width(cfg: ModelConfig) -> int:
 
 
 def _attention_bytes(cfg: ModelConfig, p: Precision) -> float:
-    """Self-attention sublayer, per token."""
+    """Self-attention sublayer, per token. Without rotary positions q, k and v are views of the fused
+    projection, which they keep whole: with GQA that is wider than q and k, v after repetition."""
     h, w, e = cfg.d_model, _q_width(cfg), p.activation
-    inputs = 3 if p.autocast else 1
-    return _norm_bytes(cfg, p) + e * (inputs * h + 3 * w + 2 * w) + FP32 * cfg.n_heads
+    kv = cfg.kv_heads * cfg.head_dim
+    fused = w + 2 * kv if cfg.position != "rope" and kv != w else 0
+    return _norm_bytes(cfg, p) + e * (h + 3 * w + fused + 2 * w) + FP32 * cfg.n_heads
 
 
 def _cross_attention_bytes(cfg: ModelConfig, p: Precision, q_len: int, kv_len: int) -> float:
     """Cross-attention sublayer of one sequence: q side on q_len tokens, k and v on kv_len."""
     h, w, e = cfg.d_model, _q_width(cfg), p.activation
-    kv_inputs = 2 * h if p.autocast else 0  # else the shared encoder output, counted once per model
+    kv_inputs = h if p.autocast else 0  # else the shared encoder output, counted once per model
     per_query = _norm_bytes(cfg, p) + e * (h + 3 * w) + FP32 * cfg.n_heads
     return q_len * per_query + kv_len * e * (2 * w + kv_inputs)
 
@@ -222,7 +234,7 @@ def _cross_attention_bytes(cfg: ModelConfig, p: Precision, q_len: int, kv_len: i
 def _mlp_bytes(cfg: ModelConfig, p: Precision) -> float:
     h, f, e = cfg.d_model, cfg.ff_dim, p.activation
     if cfg.mlp in GATED_MLPS:
-        return _norm_bytes(cfg, p) + e * ((2 if p.autocast else 1) * h + 4 * f)
+        return _norm_bytes(cfg, p) + e * (h + 4 * f)
     return _norm_bytes(cfg, p) + e * (h + 2 * f)
 
 
@@ -247,10 +259,10 @@ def _block_gradient_bytes(cfg: ModelConfig, p: Precision, length: int) -> float:
 
 def _head_bytes(cfg: ModelConfig, p: Precision) -> float:
     """Per predicted position: the projection's input, BERT's transform (dense output, its norm, a second
-    input), and the fp32 log-softmax the loss keeps. The logits themselves are gone once the loss exists."""
+    input), and the logits (in the compute dtype) with their fp32 log-sum-exp, which the loss keeps."""
     h, e = cfg.d_model, p.activation
     transform = 2 * e * h + _norm_bytes(cfg, p) if cfg.head_transform else 0
-    return e * h + transform + FP32 * cfg.vocab_size
+    return e * h + transform + e * cfg.vocab_size + FP32
 
 
 def _stack_extras(cfg: ModelConfig, p: Precision, tokens: int) -> float:
@@ -267,9 +279,10 @@ class Activations:
     saved: float
     """Saved for backward at the end of the forward pass (blocks or their inputs, norms, head input, loss)."""
     loss_gradients: float
-    """The two fp32 V-wide gradients of the loss that exist at the start of the backward pass."""
+    """The logits' gradient (and in 16 bit its fp32 chunk) that exists at the start of the backward pass."""
     recompute_peak: float = 0.0
-    """With checkpointing: the block inputs, plus one block rebuilt during its backward and its gradients."""
+    """Inside a block's backward: with checkpointing the block inputs plus one block rebuilt and its
+    gradients; without, every block's activations plus the gradients inside the first block reached."""
 
     @property
     def peak(self) -> float:
@@ -282,19 +295,24 @@ def activation_bytes(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup
     stacks = [(cfg.n_layers, lengths.inputs, 0)]  # (layers, tokens, cross-attention length)
     if cfg.family == "encoder_decoder":
         stacks.append((cfg.decoder_layers, lengths.targets, lengths.inputs))
-    blocks = rebuilt = checkpoints = extras = 0.0
+    blocks = rebuilt = checkpoints = extras = inside = 0.0
     for n_layers, tokens, kv_len in stacks:
         block = _block_bytes(cfg, p, tokens, kv_len)
         blocks += n_layers * block
+        inside = _block_gradient_bytes(cfg, p, tokens)  # the last stack's last block is reached first
         rebuilt = max(rebuilt, block + _block_gradient_bytes(cfg, p, tokens))
         checkpoints += n_layers * tokens * p.residual * cfg.d_model
         extras += _stack_extras(cfg, p, tokens)
     if cfg.family == "encoder_decoder" and not p.autocast:
         extras += lengths.inputs * p.activation * cfg.d_model  # the encoder output, read by every k/v
     head = lengths.predicted * _head_bytes(cfg, p)
-    loss_gradients = micro_batch * lengths.predicted * 2 * FP32 * cfg.vocab_size
+    logits = micro_batch * lengths.predicted * cfg.vocab_size
+    # the logits' gradient, and in 16 bit the fp32 chunk it is computed in
+    loss_gradients = logits * p.activation + (FP32 * min(logits, LOSS_CHUNK) if p.activation < FP32 else 0)
     if not setup.activation_checkpointing:
-        return Activations(micro_batch * (blocks + extras + head), loss_gradients)
+        return Activations(
+            micro_batch * (blocks + extras + head), loss_gradients, micro_batch * (blocks + extras + inside)
+        )
     return Activations(
         micro_batch * (checkpoints + extras + head), loss_gradients, micro_batch * (checkpoints + rebuilt)
     )

@@ -178,17 +178,44 @@ def matmul_attention(
     return F.dropout(probs, dropout) @ v
 
 
+class _FusedLinear(torch.autograd.Function):
+    """x @ cat(weights).T + bias, saving the weights themselves: F.linear on the concatenation would save the
+    concatenated copy for backward, which re-concatenates them instead (a copy of the weights, small beside
+    the activations) and hands each weight a view of the one weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *weights):
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias = bias is not None
+        return F.linear(x, torch.cat(weights), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, *weights = ctx.saved_tensors
+        grad_x = grad_y @ torch.cat(weights) if ctx.needs_input_grad[0] else None
+        rows = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_w = rows.T @ x.reshape(-1, x.shape[-1])
+        grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return grad_x, grad_b, *grad_w.split([w.shape[0] for w in weights])
+
+
 def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
     """The outputs of several projections of the same input, concatenated on the last dim, by one matmul.
 
-    The parameters stay separate (checkpoints, export and init see q_proj, k_proj, ...); their
-    concatenation costs a copy of the weights, small beside the activations. One larger matmul runs
-    closer to the hardware's rate than three small ones, and autocast casts the input and the autograd
-    engine sums its gradient once instead of once per projection.
+    The parameters stay separate (checkpoints, export and init see q_proj, k_proj, ...). One larger matmul
+    runs closer to the hardware's rate than three small ones, and autocast casts the input and the autograd
+    engine sums its gradient once instead of once per projection. Under autocast the input and weights are
+    cast here, as F.linear's autocast would.
     """
-    weight = torch.cat([linear.weight for linear in linears])
+    weights = [linear.weight for linear in linears]
     bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
-    return F.linear(x, weight, bias)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _FusedLinear.apply(x, bias, *weights)
 
 
 class Attention(nn.Module):

@@ -26,7 +26,7 @@ class ModelOutput:
 def loss_chunk_elements(device: torch.device) -> int:
     """Logits per chunk of the loss: a chunk's fp32 copy stays in a CPU core's cache; on a GPU, a few large
     chunks bound the fp32 temporaries without many small kernels."""
-    return 1 << 20 if device.type == "cpu" else 1 << 27
+    return 1 << 20 if device.type == "cpu" else 1 << 25
 
 
 class CrossEntropySum(torch.autograd.Function):
@@ -43,7 +43,15 @@ class CrossEntropySum(torch.autograd.Function):
         valid = labels != IGNORE_INDEX
         safe = labels.masked_fill(~valid, 0)
         rows = max(1, loss_chunk_elements(logits.device) // logits.shape[1])
-        lse = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in logits.split(rows)])
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        shifted = None
+        for start in range(0, logits.shape[0], rows):  # log-sum-exp, one fp32 chunk at a time
+            part = logits[start : start + rows]
+            top = part.amax(dim=-1, keepdim=True).float()
+            if shifted is None or shifted.shape != part.shape:
+                shifted = torch.empty(part.shape, dtype=torch.float32, device=logits.device)
+            torch.sub(part, top, out=shifted).exp_()
+            torch.add(shifted.sum(dim=-1).log_(), top.squeeze(-1), out=lse[start : start + rows])
         target = logits.gather(1, safe[:, None]).squeeze(1).float()
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.rows = rows
@@ -54,12 +62,18 @@ class CrossEntropySum(torch.autograd.Function):
         logits, safe, valid, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         weight = valid.float() * grad_total  # d total / d row: the incoming gradient where the label counts
+        chunk = None
         for start in range(0, logits.shape[0], ctx.rows):
             rows = slice(start, start + ctx.rows)
-            p = grad[rows] if grad.dtype == torch.float32 else None  # else an fp32 chunk, cast on the copy
-            p = torch.sub(logits[rows].float(), lse[rows, None], out=p).exp_().mul_(weight[rows, None])
+            if grad.dtype == torch.float32:
+                p = grad[rows]
+            else:  # an fp32 chunk, cast on the copy into the gradient
+                if chunk is None or chunk.shape != logits[rows].shape:
+                    chunk = torch.empty(logits[rows].shape, dtype=torch.float32, device=logits.device)
+                p = chunk
+            torch.sub(logits[rows], lse[rows, None], out=p).exp_().mul_(weight[rows, None])
             p.scatter_add_(1, safe[rows, None], -weight[rows, None])
-            if p.dtype != grad.dtype:
+            if p is chunk:
                 grad[rows] = p
         return grad, None
 

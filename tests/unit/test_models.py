@@ -397,7 +397,9 @@ def test_matmul_attention_equals_sdpa(kind):
     grad_out = torch.randn(2, 4, 16, 8, generator=g)
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     masks = [None if mask is None else mask.clone().requires_grad_(mask.is_floating_point()) for _ in "ab"]
-    (F.scaled_dot_product_attention(*inputs, attn_mask=masks[0], is_causal=causal) * grad_out).sum().backward()
+    (
+        F.scaled_dot_product_attention(*inputs, attn_mask=masks[0], is_causal=causal) * grad_out
+    ).sum().backward()
     expected_grads = [t.grad for t in inputs] + ([masks[0].grad] if kind.startswith("bias") else [])
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     (matmul_attention(*inputs, masks[1], 0.0, causal, None) * grad_out).sum().backward()

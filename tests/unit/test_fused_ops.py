@@ -1,0 +1,147 @@
+"""The block library's hand-written forward/backward pairs against autograd through the plain formulas they
+replace: fused projections, RMSNorm, the rotary split, the gated activation (the CPU matmul attention and the
+chunked loss are checked in test_models.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmtrain.models.blocks import RMSNorm, _GatedActivation, _RMSNormFunction, fused_linear
+from llmtrain.models.positions import Rotary
+
+
+def saved_bytes(fn) -> list[torch.Tensor]:
+    """The tensors autograd saves while fn() runs."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_linear_equals_separate_linears(bias, precision):
+    torch.manual_seed(0)
+    linears = tuple(nn.Linear(12, n, bias=bias) for n in (8, 4, 4))
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    grad_out = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        got = fused_linear(x, linears)
+    (got * grad_out).sum().backward()
+    got_grads = [x.grad] + [p.grad for linear in linears for p in linear.parameters()]
+    for t in [x] + [p for linear in linears for p in linear.parameters()]:
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        expected = torch.cat([linear(x) for linear in linears], dim=-1)
+    (expected * grad_out).sum().backward()
+    expected_grads = [x.grad] + [p.grad for linear in linears for p in linear.parameters()]
+    assert got.dtype == expected.dtype
+    tolerance = {} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got, expected, **tolerance)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        torch.testing.assert_close(g, e, **tolerance)
+
+
+def test_fused_linear_saves_the_weights_not_a_concatenated_copy():
+    linears = tuple(nn.Linear(64, 64, bias=False) for _ in range(3))
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = saved_bytes(lambda: fused_linear(x, linears))
+    weights = {linear.weight.data_ptr() for linear in linears}
+    assert {t.data_ptr() for t in saved} == weights | {x.data_ptr()}
+    assert sum(t.numel() for t in saved) == x.numel() + 3 * 64 * 64
+
+
+def reference_rmsnorm(x, weight, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).type_as(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_backward_equals_autograd_of_the_formula(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(3, 7, 16) * 3).to(dtype).requires_grad_()
+    grad_out = torch.randn(3, 7, 16).to(dtype)
+    (norm(x) * grad_out).sum().backward()
+    got = x.grad, norm.weight.grad
+    x.grad, norm.weight.grad = None, None
+    (reference_rmsnorm(x, norm.weight, 1e-6) * grad_out).sum().backward()
+    tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(got[0], x.grad, **tolerance)
+    torch.testing.assert_close(got[1], norm.weight.grad, rtol=1e-4, atol=1e-4)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+
+
+def test_rmsnorm_gradcheck_and_what_it_saves():
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6, torch.float64), (x, w))
+    norm = RMSNorm(8)
+    x32 = torch.randn(2, 3, 8, requires_grad=True)
+    saved = saved_bytes(lambda: norm(x32))
+    # x / rms (fp32), 1 / rms and the weight: not x itself
+    assert sorted(t.numel() for t in saved) == [6, 8, 48] and x32.data_ptr() not in {
+        t.data_ptr() for t in saved
+    }
+
+
+def test_rmsnorm_cast_output_writes_the_autocast_dtype():
+    norm, plain = RMSNorm(8, cast_output=True), RMSNorm(8)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, kept = norm(x), plain(x)
+    assert cast.dtype == torch.bfloat16 and kept.dtype == torch.float32
+    torch.testing.assert_close(cast, kept.bfloat16())
+    assert norm(x).dtype == torch.float32  # no autocast: the input's dtype
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_rotary_split_equals_split_then_rotate(n_heads, n_kv_heads, dtype):
+    torch.manual_seed(0)
+    rotary, hd, start = Rotary(8, 32, 10000.0), 8, 3
+    qkv = torch.randn(2, 5, (n_heads + 2 * n_kv_heads) * hd).to(dtype).requires_grad_()
+    q, k, v = rotary.split_rotate(qkv, n_heads, n_kv_heads, start)
+    grads = [torch.randn_like(t) for t in (q, k, v)]
+    sum((t * g).sum() for t, g in zip((q, k, v), grads)).backward()
+    got_grad, qkv.grad = qkv.grad, None
+
+    def heads(t, n):
+        return t.unflatten(-1, (n, hd)).transpose(1, 2)
+
+    q2, k2, v2 = qkv.split((n_heads * hd, n_kv_heads * hd, n_kv_heads * hd), dim=-1)
+    q2, k2 = rotary(heads(q2, n_heads), heads(k2, n_kv_heads), start=start)
+    v2 = heads(v2, n_kv_heads)
+    sum((t * g).sum() for t, g in zip((q2, k2, v2), grads)).backward()
+    # bf16: one rounding (addcmul) where the formula rounds the two products and their sum
+    tolerance = {} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}
+    for got, expected in zip((q, k, v, got_grad), (q2, k2, v2, qkv.grad), strict=True):
+        torch.testing.assert_close(got, expected, **tolerance)
+    assert all(t.is_contiguous() for t in (q, k, v))
+    assert v.untyped_storage().data_ptr() != qkv.untyped_storage().data_ptr()  # v does not keep qkv alive
+    with pytest.raises(ValueError, match="max_seq_len=32"):
+        rotary.split_rotate(qkv, n_heads, n_kv_heads, start=30)
+
+
+@pytest.mark.parametrize("activation", [("silu", "none"), ("gelu", "tanh"), ("gelu", "none")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_activation_equals_the_formula(activation, dtype):
+    name, approximate = activation
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 16).to(dtype).requires_grad_()
+    grad_out = torch.randn(3, 5, 8).to(dtype)
+    got = _GatedActivation.apply(h, name == "silu", approximate)
+    (got * grad_out).sum().backward()
+    got_grad, h.grad = h.grad, None
+    gate, up = h.chunk(2, dim=-1)
+    act = F.silu(gate) if name == "silu" else F.gelu(gate, approximate=approximate)
+    expected = act * up
+    (expected * grad_out).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, h.grad, rtol=0, atol=0)
