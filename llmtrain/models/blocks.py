@@ -21,22 +21,25 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = (torch.linalg.vecdot(x32, x32) / x.shape[-1] + eps).rsqrt_().unsqueeze(-1)
+        sum_sq = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_()  # one pass, no x^2 tensor
+        rstd = sum_sq.div_(x.shape[-1]).add_(eps).rsqrt_()
         normed = x32 * rstd
         out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         torch.mul(normed, weight.to(normed.dtype), out=out)
         ctx.save_for_backward(normed, rstd, weight)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         normed, rstd, weight = ctx.saved_tensors
-        grad_weight = (grad_out * normed).flatten(0, -2).sum(0).to(weight.dtype)
-        grad_normed = grad_out * weight.to(normed.dtype)
-        dot = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(normed.shape[-1])
-        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd)
-        return grad_x.to(ctx.x_dtype), grad_weight, None, None
+        weight = weight.to(normed.dtype)
+        grad_times_normed = grad_out * normed
+        grad_weight = grad_times_normed.flatten(0, -2).sum(0)
+        # d(x/rms)/dx: (g - x/rms * mean(g * x/rms)) / rms with g = grad_out * weight
+        dot = (grad_times_normed @ weight).unsqueeze(-1).div_(normed.shape[-1])
+        grad_x = torch.addcmul(grad_out * weight, normed, dot, value=-1).mul_(rstd)
+        return grad_x.to(ctx.x_dtype), grad_weight.to(ctx.weight_dtype), None, None
 
 
 class RMSNorm(nn.Module):
@@ -488,14 +491,16 @@ class Stack(nn.Module):
         cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
         context_document_ids: torch.Tensor | None = None,
+        embedded: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """With a cache, input_ids continue the cache.length positions it holds (incremental decoding).
 
         document_ids (B, T) and context_document_ids (B, S): document-aware attention in packed windows;
-        a query attends to keys (and cross-attends to context positions) of its own document only."""
+        a query attends to keys (and cross-attends to context positions) of its own document only.
+        embedded: self.embed(input_ids), when the caller looked it up already."""
         T, device = input_ids.shape[1], input_ids.device
         past = cache.length if cache is not None else None
-        x = self.embed(input_ids)  # (B, T, d)
+        x = self.embed(input_ids) if embedded is None else embedded  # (B, T, d)
         if self.pos_embed is not None:
             start = past or 0
             x = x + self.pos_embed(torch.arange(start, start + T, device=device))
