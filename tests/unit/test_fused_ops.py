@@ -145,3 +145,23 @@ def test_gated_activation_equals_the_formula(activation, dtype):
     (expected * grad_out).sum().backward()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(got_grad, h.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length", [128, 192, 256, 200])
+def test_causal_block_attention_equals_sdpa(length):
+    """The CPU causal path by query blocks (2 to 4; one plain block when the length does not divide):
+    values and gradients of scaled_dot_product_attention with is_causal."""
+    from llmtrain.models.blocks import matmul_attention
+
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, 3, length, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    grad_out = torch.randn(2, 3, length, 16, generator=g, dtype=torch.float64)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = matmul_attention(*ours, None, 0.0, True, None)
+    (out * grad_out).sum().backward()
+    reference = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*reference, is_causal=True)
+    (expected * grad_out).sum().backward()
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
