@@ -119,9 +119,9 @@ def use_matmul_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 class _MatmulAttention(torch.autograd.Function):
     """softmax(q k^T + mask) v with q already scaled, forward and backward by hand: autograd's version of
-    the same ops scales and masks the scores again in backward and runs the softmax in fp32 under autocast
-    (two casts of the score matrix each way); here the bf16 softmax reduces in fp32 inside its kernel and
-    the masked scores' gradient is the softmax backward alone (their probabilities are 0)."""
+    the same ops scaled and masked the score matrix again in backward; here the masked scores' gradient is
+    the softmax backward alone (their probabilities are 0). The bf16 softmax reduces in fp32 inside its
+    kernel."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, may_be_empty):
@@ -211,10 +211,13 @@ def matmul_attention(
     """softmax(q k^T * scale + mask) v, as scaled_dot_product_attention defines it (bool mask: True may
     attend; float mask: added; is_causal: the top-left lower triangle; a row that may attend to nothing gives
     zeros). The softmax reduces in fp32 inside the kernel and stores bf16."""
-    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)  # cheaper on q than on the scores
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if scale != 1.0:  # T5 has none
+        q = q * scale  # cheaper on q than on the scores
     T = q.shape[-2]
     n_blocks = min(4, T // CAUSAL_BLOCK)
-    if causal and not dropout and T == k.shape[-2] and n_blocks > 1 and T % n_blocks == 0:
+    blocks_fit = n_blocks > 1 and T % n_blocks == 0 and T == k.shape[-2]
+    if causal and not dropout and blocks_fit and not torch.compiler.is_compiling():  # bmm(out=) into views
         with torch.autocast(q.device.type, enabled=False):
             return _CausalBlockAttention.apply(q, k, v, n_blocks)
     may_be_empty = mask is not None  # a causal row always has its own key
@@ -266,7 +269,7 @@ def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> torch.Tenso
     weights = [linear.weight for linear in linears]
     bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:  # autocast leaves float64 alone
         dtype = torch.get_autocast_dtype(device)
         x, weights = x.to(dtype), [w.to(dtype) for w in weights]
         bias = None if bias is None else bias.to(dtype)
@@ -406,6 +409,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # one matmul for gate and up
             h = fused_linear(x, (self.gate_proj, self.up_proj))
+            if torch.compiler.is_compiling():  # the compiler fuses the plain form (out= into views breaks it)
+                gate, up = h.chunk(2, dim=-1)
+                return self.down_proj(self.act(gate) * up)
             return self.down_proj(_GatedActivation.apply(h, self.act.silu, self.act.approximate))
         return self.down_proj(self.act(self.up_proj(x)))
 

@@ -55,7 +55,8 @@ class CrossEntropySum(torch.autograd.Function):
         target = logits.gather(1, safe[:, None]).squeeze(1).float()
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.rows = rows
-        return ((lse - target) * valid).sum()
+        # an ignored row adds 0 even where its logits are not finite
+        return torch.where(valid, lse - target, 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
@@ -72,6 +73,7 @@ class CrossEntropySum(torch.autograd.Function):
                     chunk = torch.empty(logits[rows].shape, dtype=torch.float32, device=logits.device)
                 p = chunk
             torch.sub(logits[rows], lse[rows, None], out=p).exp_().mul_(weight[rows, None])
+            p.masked_fill_(~valid[rows, None], 0.0)  # ignored rows: 0, whatever their logits
             p.scatter_add_(1, safe[rows, None], -weight[rows, None])
             if p is chunk:
                 grad[rows] = p

@@ -54,7 +54,7 @@ class _RotaryQKV(torch.autograd.Function):
         _rotate(k, cos, sin, k_out, 1.0)
         ctx.save_for_backward(cos, sin)
         ctx.heads = (n_heads, n_kv_heads, head_dim)
-        return q_out, k_out, v.contiguous()
+        return q_out, k_out, v.clone(memory_format=torch.contiguous_format)  # never a view of qkv
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
@@ -103,6 +103,14 @@ class Rotary(nn.Module):
             raise ValueError(
                 f"position {start + T - 1} is past the rotary table of model.max_seq_len={self.max_seq_len}"
             )
+        if (
+            torch.compiler.is_compiling()
+        ):  # the compiler fuses the plain form; out= into views breaks its graph
+            head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+            q, k, v = (
+                qkv.unflatten(-1, (-1, head_dim)).transpose(1, 2).split((n_heads, n_kv_heads, n_kv_heads), 1)
+            )
+            return *self(q, k, start), v
         cos, sin = self.cos[start : start + T].to(qkv.dtype), self.sin[start : start + T].to(qkv.dtype)
         with torch.autocast(qkv.device.type, enabled=False):
             return _RotaryQKV.apply(qkv, cos, sin, n_heads, n_kv_heads)

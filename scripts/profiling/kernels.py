@@ -3,6 +3,7 @@ or built-in it replaces, on decoder_small's shapes (B 16 x T 256, d 384, 6 heads
 Min over repetitions, the two sides interleaved; this machine's threads.
 
     python scripts/profiling/kernels.py [--reps 7] [--dtype bf16|fp32]
+    python scripts/profiling/kernels.py --matmuls      # fp32 and bf16 GFLOP/s of the step's matmul shapes
 """
 
 from __future__ import annotations
@@ -26,13 +27,32 @@ def timed(fn, reps: int) -> float:
     return best * 1e3
 
 
+def matmul_rates(reps: int) -> None:
+    """fp32 and bf16 rates of decoder_small's matmuls (tokens x d into the fused projections, the MLP down
+    projection, the head, a weight gradient) and of square ones: what bf16 can gain on this CPU."""
+    shapes = [(4096, 384, 1152), (4096, 384, 2048), (4096, 2048, 384), (4096, 384, 4096), (2048, 4096, 384)]
+    shapes += [(2048, 2048, 2048), (4096, 4096, 4096)]
+    print(f"matmul (m, k, n), {torch.get_num_threads()} threads, min of {reps}: GFLOP/s fp32, bf16, ratio")
+    for m, k, n in shapes:
+        rates = []
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            a @ b  # warm-up
+            rates.append(2 * m * k * n / timed(lambda a=a, b=b: a @ b, reps) / 1e6)
+        print(f"  ({m}, {k}, {n}): {rates[0]:.0f}, {rates[1]:.0f}, {rates[1] / rates[0]:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--matmuls", action="store_true", help="only the fp32 and bf16 matmul rates")
     args = parser.parse_args()
+    if args.matmuls:
+        matmul_rates(args.reps)
+        return
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
     B, T, d, nh, hd, ff, V = 16, 256, 384, 6, 64, 1024, 4096

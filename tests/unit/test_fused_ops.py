@@ -165,3 +165,100 @@ def test_causal_block_attention_equals_sdpa(length):
     torch.testing.assert_close(out, expected)
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # rope, RMSNorm, SwiGLU
+        {"mlp": "geglu", "position": "relative", "attn_scale": 1.0},  # T5 v1.1
+        {"norm": "layernorm", "mlp": "gelu", "position": "learned", "bias": True},  # GPT-2
+    ],
+)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_block_compiles_to_one_graph(overrides, precision):
+    """torch.compile traces each block whole (parallel.compile compiles per block): no hand-written op may
+    break the graph (dynamo refuses, for one, `out=` into non-contiguous views)."""
+    import torch._dynamo
+
+    from llmtrain.models import ModelConfig, build_model
+
+    family = "encoder_decoder" if overrides.get("position") == "relative" else "decoder"
+    cfg = ModelConfig(
+        family=family, vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=256, **overrides
+    )
+    model = build_model(cfg)
+    stack = model.decoder
+    block = stack.layers[0]
+    x = torch.randn(2, 128, 32, requires_grad=True)  # 128 tokens: the CPU causal path by query blocks in bf16
+    kwargs = {}
+    if family == "encoder_decoder":
+        kwargs = {
+            "mask": stack.self_attention_mask(None, 128, None, x.device),
+            "context": torch.randn(2, 128, 32),
+        }
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        explanation = torch._dynamo.explain(block)(x, **kwargs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_ignored_rows_do_not_reach_the_loss_even_when_not_finite():
+    """F.cross_entropy's value skips ignore_index rows; so does the chunked loss, and its gradient there is 0
+    (the built-in's log-softmax backward gives NaN on a row of -inf). fp16 logits can overflow at padding."""
+    from llmtrain.models.heads import IGNORE_INDEX, lm_loss
+
+    logits = torch.randn(4, 10)
+    logits[1] = float("-inf")
+    logits[2, 3] = float("nan")
+    labels = torch.tensor([2, IGNORE_INDEX, IGNORE_INDEX, 7])
+    ours = logits.clone().requires_grad_()
+    loss, n = lm_loss(ours, labels)
+    loss.backward()
+    builtin = logits.clone().requires_grad_()
+    expected = F.cross_entropy(builtin, labels, ignore_index=IGNORE_INDEX)
+    expected.backward()
+    assert n.item() == 2 and torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ours.grad[[0, 3]], builtin.grad[[0, 3]])
+    assert (ours.grad[1:3] == 0).all()
+
+
+def test_pre_norm_blocks_hand_matmuls_their_input_in_the_autocast_dtype():
+    """Under autocast a pre-norm block's RMSNorms write bf16 (the linears read bf16, so no cast of their own);
+    the residual stream and the final norm stay fp32."""
+    from llmtrain.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16))
+    block = model.decoder.layers[0]
+    seen = {}
+    block.attn_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_norm", o.dtype))
+    block.mlp_norm.register_forward_hook(lambda m, i, o: seen.__setitem__("mlp_norm", o.dtype))
+    model.decoder.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("final", o.dtype))
+    block.register_forward_hook(lambda m, i, o: seen.__setitem__("residual", o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 64, (2, 16)))
+    assert seen == {
+        "attn_norm": torch.bfloat16,
+        "mlp_norm": torch.bfloat16,
+        "residual": torch.float32,
+        "final": torch.float32,
+    }
+
+
+@pytest.mark.parametrize("length", [32, 256])  # one block; 4 causal query blocks
+def test_bf16_cpu_attention_gradients_follow_float64(length):
+    """The bf16 matmul path's gradients against float64 SDPA: within bf16's error."""
+    from llmtrain.models.blocks import matmul_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, length, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    grad_out = torch.randn(2, 3, length, 16, generator=g, dtype=torch.float64)
+    exact = [t.clone().requires_grad_() for t in (q, k, v)]
+    (F.scaled_dot_product_attention(*exact, is_causal=True) * grad_out).sum().backward()
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    (matmul_attention(*low, None, 0.0, True, None) * grad_out.bfloat16()).sum().backward()
+    for a, b in zip(low, exact, strict=True):
+        error = (a.grad.double() - b.grad).norm() / b.grad.norm()
+        assert error < 0.02, error
