@@ -362,41 +362,12 @@ def _line_length_rule(text: str, cfg: CharactersConfig) -> str | None:
 
 def gopher_quality_rule(text: str, cfg: GopherQualityConfig, view: TextView | None = None) -> str | None:
     view = view or TextView(text)
-    n_words = view.n_words
-    if cfg.min_words is not None and n_words < cfg.min_words:
-        return "gopher_quality.min_words"
-    if cfg.max_words is not None and n_words > cfg.max_words:
-        return "gopher_quality.max_words"
-    if n_words == 0:
-        return "gopher_quality.min_words"
-    mean_length = int(view.word_lengths.sum()) / n_words
-    if cfg.min_mean_word_length is not None and mean_length < cfg.min_mean_word_length:
-        return "gopher_quality.min_mean_word_length"
-    if cfg.max_mean_word_length is not None and mean_length > cfg.max_mean_word_length:
-        return "gopher_quality.max_mean_word_length"
     n_tokens, letter_tokens = view.tokens()
-    if cfg.max_symbol_word_ratio is not None:
-        if text.count("#") / n_tokens > cfg.max_symbol_word_ratio:
-            return "gopher_quality.max_symbol_word_ratio"
-        if (text.count("...") + text.count("…")) / n_tokens > cfg.max_symbol_word_ratio:
-            return "gopher_quality.max_symbol_word_ratio"
-    if cfg.max_bullet_lines_fraction is not None or cfg.max_ellipsis_lines_fraction is not None:
-        lines = text.split("\n")
-        if cfg.max_bullet_lines_fraction is not None:
-            bullets = sum(1 for line in lines if line.lstrip().startswith(("•", "-")))
-            if bullets / len(lines) > cfg.max_bullet_lines_fraction:
-                return "gopher_quality.max_bullet_lines_fraction"
-        if cfg.max_ellipsis_lines_fraction is not None:
-            ellipses = sum(1 for line in lines if line.rstrip().endswith(("...", "…")))
-            if ellipses / len(lines) > cfg.max_ellipsis_lines_fraction:
-                return "gopher_quality.max_ellipsis_lines_fraction"
-    if cfg.min_alpha_words_fraction is not None and letter_tokens / n_tokens < cfg.min_alpha_words_fraction:
-        return "gopher_quality.min_alpha_words_fraction"
+    stop = 0
     if cfg.min_stop_words is not None:
-        present = np.unique(view.word_hashes[np.isin(view.word_hashes, STOP_WORD_HASHES)]).size
-        if present < cfg.min_stop_words:
-            return "gopher_quality.min_stop_words"
-    return None
+        stop = np.unique(view.word_hashes[np.isin(view.word_hashes, STOP_WORD_HASHES)]).size
+    chars = int(view.word_lengths.sum())
+    return _quality_checks(text, cfg, view.n_words, chars, n_tokens, letter_tokens, stop)
 
 
 def _duplicate_counts(parts: list[str]) -> tuple[int, int]:

@@ -66,10 +66,9 @@ import torch
 
 from llmtrain.measure.shapes import Lengths, largest_block_parameters, parameter_count
 from llmtrain.models.config import GATED_MLPS, ModelConfig
+from llmtrain.models.heads import GPU_LOSS_CHUNK
 
 FP32 = 4
-LOSS_CHUNK = 1 << 25
-"""Logits per chunk of the loss on a GPU (llmtrain.models.heads.loss_chunk_elements; smaller on a CPU)."""
 
 
 @dataclass(frozen=True)
@@ -204,10 +203,10 @@ def activation_precision(setup: Setup) -> Precision:
 
 
 def _norm_bytes(cfg: ModelConfig, p: Precision) -> int:
-    """Bytes one norm saves per token: RMSNorm keeps x/rms in fp32 (and 1/rms), LayerNorm its input."""
-    return cfg.d_model * (FP32 if cfg.norm == "rmsnorm" else p.residual) + (
-        FP32 if cfg.norm == "rmsnorm" else 0
-    )
+    """Bytes one norm saves per token: RMSNorm keeps x/rms in fp32 and 1/rms, LayerNorm its input."""
+    if cfg.norm == "rmsnorm":
+        return FP32 * (cfg.d_model + 1)
+    return cfg.d_model * p.residual
 
 
 def _q_width(cfg: ModelConfig) -> int:
@@ -300,7 +299,7 @@ def activation_bytes(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup
         block = _block_bytes(cfg, p, tokens, kv_len)
         blocks += n_layers * block
         inside = _block_gradient_bytes(cfg, p, tokens)  # the last stack's last block is reached first
-        rebuilt = max(rebuilt, block + _block_gradient_bytes(cfg, p, tokens))
+        rebuilt = max(rebuilt, block + inside)
         checkpoints += n_layers * tokens * p.residual * cfg.d_model
         extras += _stack_extras(cfg, p, tokens)
     if cfg.family == "encoder_decoder" and not p.autocast:
@@ -308,7 +307,9 @@ def activation_bytes(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup
     head = lengths.predicted * _head_bytes(cfg, p)
     logits = micro_batch * lengths.predicted * cfg.vocab_size
     # the logits' gradient, and in 16 bit the fp32 chunk it is computed in
-    loss_gradients = logits * p.activation + (FP32 * min(logits, LOSS_CHUNK) if p.activation < FP32 else 0)
+    loss_gradients = logits * p.activation + (
+        FP32 * min(logits, GPU_LOSS_CHUNK) if p.activation < FP32 else 0
+    )
     if not setup.activation_checkpointing:
         return Activations(
             micro_batch * (blocks + extras + head), loss_gradients, micro_batch * (blocks + extras + inside)

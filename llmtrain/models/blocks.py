@@ -10,7 +10,7 @@ from torch import nn
 
 from llmtrain.models.cache import KVCache, LayerCache
 from llmtrain.models.config import GATED_MLPS, ModelConfig
-from llmtrain.models.positions import RelativePositionBias, Rotary
+from llmtrain.models.positions import RelativePositionBias, Rotary, split_heads
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -253,8 +253,10 @@ class _FusedLinear(torch.autograd.Function):
         x, *weights = ctx.saved_tensors
         grad_x = grad_y @ torch.cat(weights) if ctx.needs_input_grad[0] else None
         rows = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_w = rows.T @ x.reshape(-1, x.shape[-1])
         grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        if not any(ctx.needs_input_grad[2:]):  # frozen weights
+            return grad_x, grad_b, *(None for _ in weights)
+        grad_w = rows.T @ x.reshape(-1, x.shape[-1])
         return grad_x, grad_b, *grad_w.split([w.shape[0] for w in weights])
 
 
@@ -326,13 +328,7 @@ class Attention(nn.Module):
                 start = cache.length if cache is not None else 0
                 q, k, v = self.rotary.split_rotate(qkv, self.n_heads, self.n_kv_heads, start)
             else:
-                kv_dim = self.n_kv_heads * self.head_dim
-                q, k, v = qkv.split((self.n_heads * self.head_dim, kv_dim, kv_dim), dim=-1)
-                q, k, v = (
-                    self.heads(q, self.n_heads),
-                    self.heads(k, self.n_kv_heads),
-                    self.heads(v, self.n_kv_heads),
-                )
+                q, k, v = split_heads(qkv, self.n_heads, self.n_kv_heads)
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, nkv, past + T, hd)
         if mask is not None and mask.is_floating_point():

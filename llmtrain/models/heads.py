@@ -23,10 +23,13 @@ class ModelOutput:
     """How many labelled positions the loss averages over."""
 
 
+CPU_LOSS_CHUNK, GPU_LOSS_CHUNK = 1 << 20, 1 << 25
+"""Logits per chunk of the loss: a chunk's fp32 copy stays in a CPU core's cache; on a GPU, a few large
+chunks bound the fp32 temporaries without many small kernels."""
+
+
 def loss_chunk_elements(device: torch.device) -> int:
-    """Logits per chunk of the loss: a chunk's fp32 copy stays in a CPU core's cache; on a GPU, a few large
-    chunks bound the fp32 temporaries without many small kernels."""
-    return 1 << 20 if device.type == "cpu" else 1 << 25
+    return CPU_LOSS_CHUNK if device.type == "cpu" else GPU_LOSS_CHUNK
 
 
 class CrossEntropySum(torch.autograd.Function):

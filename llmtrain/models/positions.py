@@ -26,6 +26,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def split_heads(
+    qkv: torch.Tensor, n_heads: int, n_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused projections (B, T, (nh + 2 nkv) * hd) -> views q (B, nh, T, hd), k and v (B, nkv, T, hd)."""
+    head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+    heads = qkv.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+    return heads.split((n_heads, n_kv_heads, n_kv_heads), dim=1)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: float) -> None:
     """out = x with its halves rotated by +angle (sign 1) or -angle (sign -1), written in place."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -41,11 +50,7 @@ class _RotaryQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_heads, n_kv_heads):
-        B, T, width = qkv.shape
-        head_dim = width // (n_heads + 2 * n_kv_heads)
-        q, k, v = (
-            qkv.unflatten(-1, (-1, head_dim)).transpose(1, 2).split((n_heads, n_kv_heads, n_kv_heads), 1)
-        )
+        q, k, v = split_heads(qkv, n_heads, n_kv_heads)
         q_out, k_out = (
             torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -53,7 +58,7 @@ class _RotaryQKV(torch.autograd.Function):
         _rotate(q, cos, sin, q_out, 1.0)
         _rotate(k, cos, sin, k_out, 1.0)
         ctx.save_for_backward(cos, sin)
-        ctx.heads = (n_heads, n_kv_heads, head_dim)
+        ctx.heads = (n_heads, n_kv_heads, q.shape[-1])
         return q_out, k_out, v.clone(memory_format=torch.contiguous_format)  # never a view of qkv
 
     @staticmethod
@@ -86,11 +91,14 @@ class Rotary(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k of positions start..start+T-1 (start > 0 when decoding after a KV cache)."""
-        if start + q.shape[-2] > self.max_seq_len:
-            raise ValueError(
-                f"position {start + q.shape[-2] - 1} is past the rotary table of model.max_seq_len={self.max_seq_len}"
-            )
+        self._check_positions(start, q.shape[-2])
         return apply_rope(q, self.cos, self.sin, start), apply_rope(k, self.cos, self.sin, start)
+
+    def _check_positions(self, start: int, length: int) -> None:
+        if start + length > self.max_seq_len:
+            raise ValueError(
+                f"position {start + length - 1} is past the rotary table of model.max_seq_len={self.max_seq_len}"
+            )
 
     def split_rotate(
         self, qkv: torch.Tensor, n_heads: int, n_kv_heads: int, start: int = 0
@@ -99,17 +107,11 @@ class Rotary(nn.Module):
         rotated, (B, nh, T, hd) and (B, nkv, T, hd), and v (B, nkv, T, hd); what forward() gives on the
         split heads, in fewer passes."""
         T = qkv.shape[1]
-        if start + T > self.max_seq_len:
-            raise ValueError(
-                f"position {start + T - 1} is past the rotary table of model.max_seq_len={self.max_seq_len}"
-            )
+        self._check_positions(start, T)
         if (
             torch.compiler.is_compiling()
         ):  # the compiler fuses the plain form; out= into views breaks its graph
-            head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
-            q, k, v = (
-                qkv.unflatten(-1, (-1, head_dim)).transpose(1, 2).split((n_heads, n_kv_heads, n_kv_heads), 1)
-            )
+            q, k, v = split_heads(qkv, n_heads, n_kv_heads)
             return *self(q, k, start), v
         cos, sin = self.cos[start : start + T].to(qkv.dtype), self.sin[start : start + T].to(qkv.dtype)
         with torch.autocast(qkv.device.type, enabled=False):

@@ -262,3 +262,14 @@ def test_bf16_cpu_attention_gradients_follow_float64(length):
     for a, b in zip(low, exact, strict=True):
         error = (a.grad.double() - b.grad).norm() / b.grad.norm()
         assert error < 0.02, error
+
+
+def test_fused_linear_with_frozen_weights_gives_only_the_input_gradient():
+    linears = tuple(nn.Linear(6, 4) for _ in range(2))
+    for linear in linears:
+        linear.requires_grad_(False)
+    x = torch.randn(3, 6, requires_grad=True)
+    fused_linear(x, linears).sum().backward()
+    expected = sum(linear.weight.sum(0) for linear in linears).expand(3, 6)
+    torch.testing.assert_close(x.grad, expected)
+    assert all(p.grad is None for linear in linears for p in linear.parameters())
