@@ -26,14 +26,21 @@ class EncoderMLM(LanguageModel):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        label_positions: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Without labels, logits for every position; with labels, the head runs only where a label is set
-        (about 15% of positions), as ModernBERT does, and logits are (N, V) for those N positions.
-        document_ids (B, T) restrict attention to each token's own document (packed windows)."""
+        (about 15% of positions), as ModernBERT does, and logits are (N, V) for those N positions, in
+        row-major order. document_ids (B, T) restrict attention to each token's own document (packed windows).
+
+        label_positions (N,): the flat indices (into B * T) of the labelled positions, as the MLM objective
+        emits them from the CPU. Without them they are found here, which makes a CUDA device wait for the
+        encoder (the count of positions decides the head's shape) once per step."""
         h = self.encoder(input_ids, attention_mask=attention_mask, document_ids=document_ids)  # (B, T, d)
         if labels is None:
             return ModelOutput(self.head(h))
-        selected = labels != IGNORE_INDEX
-        logits = self.head(h[selected])  # (N, V)
-        loss, n = lm_loss(logits, labels[selected])
+        labels = labels.reshape(-1)
+        if label_positions is None:
+            label_positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        logits = self.head(h.reshape(-1, h.shape[-1]).index_select(0, label_positions))  # (N, V)
+        loss, n = lm_loss(logits, labels.index_select(0, label_positions))
         return ModelOutput(logits, loss, n)

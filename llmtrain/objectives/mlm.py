@@ -49,7 +49,9 @@ class MaskedLM:
     def __call__(
         self, windows: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """windows (B, T) -> input_ids with corruptions, labels = original token at selected positions else -100."""
+        """windows (B, T) -> input_ids with corruptions, labels = original token at selected positions else
+        -100, and label_positions = the flat indices of the selected positions (so the model's head needs no
+        host sync to find them)."""
         shape = windows.shape
         # the generator's stream, in this order: selection, what a selected token becomes, random ids
         u = torch.rand(shape, generator=generator).numpy()
@@ -61,7 +63,11 @@ class MaskedLM:
         to_random = selected & (v >= self.mask_rate) & (v < self.mask_rate + self.random_rate)
         input_ids = np.where(to_mask, self.mask_token_id, np.where(to_random, random_ids, tokens))
         labels = np.where(selected, tokens, IGNORE_INDEX)
-        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "label_positions": torch.from_numpy(np.flatnonzero(selected)),
+        }
         if self.document_eos_id is not None:
             batch["document_ids"] = document_ids(windows, self.document_eos_id)
         return batch

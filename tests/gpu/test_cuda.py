@@ -118,3 +118,19 @@ def test_nonfinite_guard_on_the_device(cuda_config, extra):
         torch.isfinite(p.full_tensor() if hasattr(p, "full_tensor") else p).all()
         for p in trainer.model.parameters()
     )
+
+
+@pytest.mark.parametrize("model", ["decoder", "encoder", "encoder_decoder"])
+def test_training_steps_do_not_sync_the_device(cuda_config, model):
+    """torch's sync debug mode turns any host-device synchronisation into an error: two bf16 steps (forward,
+    backward, clipping, fused AdamW, the non-finite guard) after two warm-up steps must run without one."""
+    trainer = Trainer(cuda_config(model, "trainer.precision=bf16", f"run_name={model}-nosync"))
+    trainer.train_step()
+    trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step()
+        trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

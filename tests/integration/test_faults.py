@@ -218,6 +218,72 @@ def test_training_steps_do_not_read_device_values(tiny_config, monkeypatch):
     assert counts[0] == counts[1] and counts[0] > 0, counts
 
 
+# ops whose CUDA kernels make the host wait for the device: a result size that depends on values, or a value read
+_SYNCING_OPS = {
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten._local_scalar_dense.default,  # .item(), bool(), float(), int()
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.repeat_interleave.Tensor,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_consecutive.default,
+}
+_INDEXING_OPS = {  # syncing when indexed by a boolean mask (nonzero inside)
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put.default,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+}
+
+
+@pytest.mark.parametrize("model", ["decoder", "encoder", "encoder_decoder"])
+def test_a_training_step_runs_no_op_that_would_make_a_cuda_device_sync(tiny_config, model):
+    """Every op of a training step (forward, backward, clipping, AdamW, the non-finite guard; with document
+    attention and gradient accumulation), recorded at the dispatcher on the CPU: none of them is one whose CUDA
+    form waits for the device (nonzero, boolean-mask indexing, a value read back). Before the MLM objective
+    passed label_positions, the encoder's head selection made 3 such calls per micro-batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncing: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            masks = [
+                t
+                for t in tree_leaves((args, kwargs))[1:]
+                if isinstance(t, torch.Tensor) and t.dtype == torch.bool
+            ]
+            if func in _SYNCING_OPS or (func in _INDEXING_OPS and masks):
+                self.syncing.append(str(func))
+            return func(*args, **kwargs)
+
+    trainer = Trainer(
+        tiny_config(
+            model,
+            "trainer.checkpoint=false",
+            "data.document_attention=true",
+            "trainer.micro_batch_size=2",
+            "trainer.grad_accum_steps=2",
+        )
+    )
+    trainer.train_step()  # the first step builds the optimizer's states
+    with Recorder() as recorder:
+        trainer.train_step()
+        trainer.train_step()
+    assert recorder.syncing == [], recorder.syncing
+    # the recorder sees what it looks for: the same model fed without the objective's positions
+    batch = trainer.objective(trainer.val_loader.next_batch(), torch.Generator().manual_seed(0))
+    batch.pop("label_positions", None)
+    with Recorder() as recorder:
+        trainer.model(**batch)
+    assert (recorder.syncing != []) == (model == "encoder"), recorder.syncing
+
+
 def test_nan_loss_skipped_then_stopped(tiny_config):
     trainer = Trainer(
         tiny_config(

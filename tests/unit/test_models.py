@@ -353,6 +353,32 @@ def test_encoder_labels_select_positions_and_loss_matches_hand_cross_entropy():
     torch.testing.assert_close(out.loss, by_hand, rtol=1e-5, atol=1e-5)
 
 
+def test_encoder_label_positions_from_the_objective_give_the_same_loss_and_gradients():
+    """The MLM objective's label_positions (flat indices found on the CPU) replace the boolean selection the
+    model would otherwise make on the device: same logits, loss and gradients."""
+    from llmtrain.objectives import MaskedLM
+
+    objective = MaskedLM(seq_len=16, vocab_size=VOCAB, mask_token_id=3, special_token_ids=[0, 1, 2, 3])
+    batch = objective(random_ids(3, 16, seed=24), generator=torch.Generator().manual_seed(25))
+    results = []
+    for kwargs in ({}, {"label_positions": batch["label_positions"]}):
+        model = tiny_model("encoder", seed=26)
+        out = model(batch["input_ids"], labels=batch["labels"], **kwargs)
+        out.loss.backward()
+        results.append(
+            (out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+        )
+    (logits, loss, grads), (logits_p, loss_p, grads_p) = results
+    assert logits.shape[0] == int((batch["labels"] != IGNORE_INDEX).sum()) > 0
+    torch.testing.assert_close(logits_p, logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss_p, loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_p[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    # positions that skip a labelled token drop it from the loss: the positions are what the head reads
+    fewer = model(batch["input_ids"], labels=batch["labels"], label_positions=batch["label_positions"][1:])
+    assert fewer.n_targets.item() == logits.shape[0] - 1
+
+
 def test_loss_ignores_unlabelled_positions_and_is_zero_without_labels():
     model = tiny_model("decoder")
     ids = random_ids(2, 8, seed=22)

@@ -92,6 +92,16 @@ def test_mlm_labels_and_special_tokens():
     assert replacements.unique().numel() > 0.95 * (MLM_VOCAB - len(SPECIAL))
 
 
+def test_mlm_label_positions_are_the_flat_labelled_positions():
+    objective = MaskedLM(seq_len=300, vocab_size=MLM_VOCAB, mask_token_id=MASK, special_token_ids=SPECIAL)
+    windows = torch.randint(0, MLM_VOCAB, (7, 300), generator=torch.Generator().manual_seed(8))
+    batch = objective(windows, generator=torch.Generator().manual_seed(9))
+    positions = batch["label_positions"]
+    assert positions.dtype == torch.long
+    expected = [i for i, label in enumerate(batch["labels"].reshape(-1).tolist()) if label != IGNORE_INDEX]
+    assert positions.tolist() == expected and len(expected) > 0
+
+
 def test_mlm_is_reproducible_with_a_generator():
     objective = MaskedLM(seq_len=64, vocab_size=MLM_VOCAB, mask_token_id=MASK, special_token_ids=SPECIAL)
     windows = torch.randint(4, MLM_VOCAB, (4, 64), generator=torch.Generator().manual_seed(0))
