@@ -164,8 +164,9 @@ class ParallelConfig:
     shard_size: int = 0
     """FSDP sharding factor: ranks one parameter is sharded over. 0 = world size (full shard, ZeRO-3);
     1 = full replication (like DDP); a divisor in between = hybrid shard (HSDP: replicate x shard mesh)."""
-    reshard_after_forward: bool = True
-    """FSDP: True frees gathered parameters after forward (ZeRO-3); False keeps them to backward (ZeRO-2)."""
+    reshard_after_forward: bool | None = None
+    """FSDP: true frees gathered parameters after forward (ZeRO-3); false keeps them to backward (ZeRO-2);
+    null (auto): see `reshards_after_forward`; when it reshards, the last block stays gathered."""
     zero1: bool = False
     """DDP: shard optimizer states over ranks with ZeroRedundancyOptimizer (ZeRO-1)."""
     cpu_offload: bool = False
@@ -176,6 +177,19 @@ class ParallelConfig:
     """torch.compile each block."""
     timeout_minutes: float = 10.0
     """Collective timeout: a rank that stops answering fails the run instead of hanging it."""
+
+
+def reshards_after_forward(
+    setting: bool | None, shard_devices: int, cpu_offload: bool, precision: str
+) -> bool:
+    """parallel.reshard_after_forward as set, or for null (auto): reshard where it saves memory. Sharded over
+    several devices or offloaded, resharding frees what the other devices hold. On one device FSDP2 still keeps
+    a gathered copy of each block's weights beside the fp32 shard: resharding frees it (gathering again in
+    backward is a local copy) in fp32, where it would double the weights; under bf16/fp16 the 2-byte copies
+    stay, as autocast keeps its casts of the weights from forward to backward too."""
+    if setting is not None:
+        return setting
+    return shard_devices > 1 or cpu_offload or precision == "fp32"
 
 
 @dataclass

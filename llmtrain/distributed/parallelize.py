@@ -20,6 +20,7 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from llmtrain.config import reshards_after_forward
 from llmtrain.distributed.env import DistInfo
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,26 +61,38 @@ def fsdp_mesh(info: DistInfo, shard_size: int) -> DeviceMesh:
     return init_device_mesh(info.device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
+def block_resharding(
+    setting: bool | None, n_blocks: int, shard_devices: int, cpu_offload: bool, precision: str
+) -> list[bool]:
+    """reshard_after_forward for each block in forward order (`reshards_after_forward`). Auto keeps the last
+    block gathered when the others reshard: backward starts with it at once (torchtitan's default policy)."""
+    reshard = reshards_after_forward(setting, shard_devices, cpu_offload, precision)
+    return [reshard and not (setting is None and i == n_blocks - 1) for i in range(n_blocks)]
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
     precision: str,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: bool | None = None,
     cpu_offload: bool = False,
 ) -> None:
     """fully_shard each block, then the root (embeddings, final norms, head).
 
     reshard_after_forward=True frees gathered parameters after each block's forward (ZeRO-3); False keeps
-    them until backward (ZeRO-2: more memory, less communication). Under bf16/fp16 parameters are gathered
-    in that dtype and gradients reduced in fp32; the sharded master weights and Adam states stay fp32.
+    them until backward (ZeRO-2: more memory, less communication); None chooses (`block_resharding`).
+    Under bf16/fp16 parameters are gathered in that dtype and gradients reduced in fp32; the sharded master
+    weights and Adam states stay fp32.
     """
     mp = MixedPrecisionPolicy(param_dtype=PRECISION_DTYPES[precision], reduce_dtype=torch.float32)
     kwargs = {"mesh": mesh, "mp_policy": mp}
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for layers in block_lists(model):
-        for block in layers:
-            fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    blocks = [block for layers in block_lists(model) for block in layers]
+    # the shard dimension is the mesh's last (1-D: shard; 2-D: replicate x shard)
+    resharding = block_resharding(reshard_after_forward, len(blocks), mesh.size(-1), cpu_offload, precision)
+    for block, reshard in zip(blocks, resharding):
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # the root is needed again at once in backward
     for method in ("encode", "decode"):  # called directly by generation: they must gather parameters too
         if hasattr(model, method):

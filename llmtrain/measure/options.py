@@ -14,7 +14,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from llmtrain.config import ParallelConfig, TrainConfig, register_configs, to_dataclass, validate
+from llmtrain.config import (
+    ParallelConfig,
+    TrainConfig,
+    register_configs,
+    reshards_after_forward,
+    to_dataclass,
+    validate,
+)
 from llmtrain.measure.hardware import GIB, accelerator
 from llmtrain.measure.memory import Setup
 from llmtrain.measure.planning import device_budget, device_peak_flops, from_pf_days
@@ -47,8 +54,8 @@ class MemoryOptions:
         self, cfg: TrainConfig, strategy: str | None = None, checkpointing: bool | None = None
     ) -> Setup:
         """The estimator's Setup: these options where set, else what the training config would run."""
-        parallel_strategy, parallel_shard = strategy_of(cfg.parallel, self.world_size)
         precision = self.precision or {"auto": "bf16"}.get(cfg.trainer.precision, cfg.trainer.precision)
+        parallel_strategy, parallel_shard = strategy_of(cfg.parallel, self.world_size, precision)
         for choice in (self.activation_checkpointing, cfg.parallel.activation_checkpointing):
             checkpointing = choice if checkpointing is None else checkpointing
         return Setup(
@@ -68,14 +75,17 @@ class MemoryOptions:
         return gib * GIB * self.usable_fraction
 
 
-def strategy_of(parallel: ParallelConfig, world_size: int) -> tuple[str, int | None]:
+def strategy_of(parallel: ParallelConfig, world_size: int, precision: str = "bf16") -> tuple[str, int | None]:
     """The estimator's strategy (and hybrid shard size) for llmtrain's parallel config on world_size devices:
     single/ddp -> ddp (zero1 with parallel.zero1); fsdp -> zero3 (zero2 without resharding after forward)
     when sharded over all devices, else hybrid over parallel.shard_size."""
     if parallel.strategy == "fsdp":
         shard = parallel.shard_size or world_size
         if shard == world_size:
-            return ("zero3" if parallel.reshard_after_forward else "zero2"), None
+            reshard = reshards_after_forward(
+                parallel.reshard_after_forward, shard, parallel.cpu_offload, precision
+            )
+            return ("zero3" if reshard else "zero2"), None
         return "hybrid", shard
     return ("zero1" if parallel.zero1 else "ddp"), None
 

@@ -403,10 +403,11 @@ class Trainer:
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer states this rank holds, from the local tensors."""
-        if hasattr(
-            self.model, "reshard"
-        ):  # FSDP: the root stays gathered after an eval forward; count shards
-            self.model.reshard()
+        for (
+            module
+        ) in self.model.modules():  # FSDP: modules not resharded after forward stay gathered after an
+            if hasattr(module, "reshard"):  # evaluation's forward (no backward follows); count the shards
+                module.reshard()
         optimizer_tensors = (
             v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
         )

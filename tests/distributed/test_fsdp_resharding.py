@@ -1,0 +1,82 @@
+"""FSDP2 resharding after forward: which blocks keep their gathered parameters into backward.
+
+One in-process gloo rank: FSDP2 registers the gathered (plain) parameters on a module while they are
+unsharded and the sharded DTensors again when it reshards, so the types seen after forward tell which
+blocks were resharded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from llmtrain.config import reshards_after_forward
+from llmtrain.distributed.parallelize import apply_fsdp, block_lists, block_resharding
+from llmtrain.models import ModelConfig, build_model
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture
+def one_rank_mesh():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_auto_reshards_only_where_it_saves_memory():
+    for precision in ("bf16", "fp32"):  # sharded over several devices, or offloaded
+        assert reshards_after_forward(None, 8, False, precision) and reshards_after_forward(
+            None, 1, True, precision
+        )
+    # one device: fp32 frees its gathered copy (it would double the weights); 16-bit keeps it
+    assert reshards_after_forward(None, 1, False, "fp32")
+    assert not reshards_after_forward(None, 1, False, "bf16") and not reshards_after_forward(
+        None, 1, False, "fp16"
+    )
+    for shard_devices in (1, 8):  # an explicit setting is kept
+        assert reshards_after_forward(True, shard_devices, False, "bf16")
+        assert not reshards_after_forward(False, shard_devices, True, "fp32")
+    # auto keeps the block backward starts with gathered; an explicit true reshards every block
+    assert block_resharding(None, 4, 8, False, "bf16") == [True, True, True, False]
+    assert block_resharding(None, 4, 1, True, "bf16") == [True, True, True, False]
+    assert block_resharding(None, 4, 1, False, "bf16") == [False] * 4
+    assert block_resharding(True, 4, 1, False, "bf16") == [True] * 4
+
+
+@pytest.mark.parametrize(
+    ("setting", "precision", "expected"),
+    [
+        (None, "fp32", [True, True, True, False]),  # all but the block backward starts with
+        (None, "bf16", [False, False, False, False]),  # one device, 16-bit: the gathered copies stay
+        (True, "bf16", [True, True, True, True]),
+        (False, "fp32", [False, False, False, False]),
+    ],
+)
+def test_blocks_resharded_after_forward(one_rank_mesh, setting, precision, expected):
+    """The encoder's two blocks, then the decoder's; in fp32 the gradients equal the unwrapped model's."""
+    torch.manual_seed(0)
+    cfg = ModelConfig("encoder_decoder", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+    model = build_model(cfg)
+    reference = build_model(cfg)
+    reference.load_state_dict(model.state_dict())
+    apply_fsdp(model, one_rank_mesh, precision, setting)
+    ids, decoder_ids = torch.randint(5, 64, (2, 16)), torch.randint(5, 64, (2, 6))
+    out = model(ids, decoder_ids, labels=decoder_ids)
+    blocks = [block for layers in block_lists(model) for block in layers]  # encoder's, then decoder's
+    resharded = [isinstance(next(block.parameters()), DTensor) for block in blocks]
+    assert resharded == expected
+    out.loss.backward()
+    if precision != "fp32":
+        return
+    expected_out = reference(ids, decoder_ids, labels=decoder_ids)
+    expected_out.loss.backward()
+    torch.testing.assert_close(out.loss, expected_out.loss)
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad.full_tensor(), grads[name], msg=name)
