@@ -14,6 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     fully_shard,
     register_fsdp_forward_method,
@@ -97,6 +98,14 @@ def apply_fsdp(
     for method in ("encode", "decode"):  # called directly by generation: they must gather parameters too
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free every FSDP module's gathered parameters: a block not resharded after forward keeps them after a
+    forward that no backward follows (evaluation, sampling). No-op without FSDP."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def parallelize(model: nn.Module, parallel, info: DistInfo, precision: str) -> nn.Module:

@@ -22,7 +22,7 @@ from llmtrain.data import Corpus, Tokenizer
 from llmtrain.data.mixture import build_loaders, load_corpus
 from llmtrain.data.prefetch import Prefetcher
 from llmtrain.distributed.env import DistInfo, all_reduce_sum, barrier, init_distributed
-from llmtrain.distributed.parallelize import parallelize
+from llmtrain.distributed.parallelize import parallelize, reshard_all
 from llmtrain.inference.generate import greedy_seq2seq, sample
 from llmtrain.measure.flops import forward_flops, measure_matmul_peak
 from llmtrain.measure.hardware import accelerator_of_device
@@ -403,11 +403,7 @@ class Trainer:
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer states this rank holds, from the local tensors."""
-        for (
-            module
-        ) in self.model.modules():  # FSDP: modules not resharded after forward stay gathered after an
-            if hasattr(module, "reshard"):  # evaluation's forward (no backward follows); count the shards
-                module.reshard()
+        reshard_all(self.model)  # FSDP: count the shards, not what the last evaluation left gathered
         optimizer_tensors = (
             v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
         )

@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from llmtrain.config import reshards_after_forward
-from llmtrain.distributed.parallelize import apply_fsdp, block_lists, block_resharding
+from llmtrain.distributed.parallelize import apply_fsdp, block_lists, block_resharding, reshard_all
 from llmtrain.models import ModelConfig, build_model
 
 pytestmark = pytest.mark.distributed
@@ -80,3 +80,19 @@ def test_blocks_resharded_after_forward(one_rank_mesh, setting, precision, expec
     grads = {n: p.grad for n, p in reference.named_parameters()}
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad.full_tensor(), grads[name], msg=name)
+
+
+def test_reshard_all_frees_what_a_forward_without_backward_left_gathered(one_rank_mesh):
+    """After an evaluation's forward the block that is not resharded after forward keeps its gathered
+    parameters (the trainer's state_bytes must count shards); reshard_all frees them."""
+    model = build_model(
+        ModelConfig("decoder", vocab_size=64, d_model=32, n_layers=3, n_heads=2, max_seq_len=16)
+    )
+    apply_fsdp(model, one_rank_mesh, "fp32", None)
+    blocks = list(next(block_lists(model)))
+    ids = torch.randint(5, 64, (2, 16))
+    with torch.no_grad():
+        model(ids, labels=ids)
+    assert [isinstance(next(block.parameters()), DTensor) for block in blocks] == [True, True, False]
+    reshard_all(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
