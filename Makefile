@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: train test lint format clean help gpu-check bench
 
 help:
-	@echo "make train   train the default decoder on the Python standard library (CPU, ~5 min)"
+	@echo "make train   train the default decoder on the Python standard library (CPU, ~3 min)"
 	@echo "make test    run the test suite"
 	@echo "make lint    ruff check + format check"
 	@echo "make bench   throughput and MFU of the training step (ARGS=... passes options)"

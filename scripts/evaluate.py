@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llmtrain.config import ConfigError, TrainConfig, to_dataclass
+from llmtrain.config import ConfigError, TrainConfig, to_dataclass, validate
 from llmtrain.data import DataError, prepare_corpus
 from llmtrain.inference.evaluate import evaluate_model
 from llmtrain.inference.loading import CheckpointError, load_trained_model
@@ -30,8 +30,9 @@ from llmtrain.training.trainer import build_objective
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def run_config(source: Path, data: str | None, settings: list[str]) -> TrainConfig:
-    """The run's training config (or the defaults, for an exported folder), with the data changed as asked."""
+def run_config(source: Path, data: str | None, settings: list[str]) -> tuple[TrainConfig, bool]:
+    """The run's training config (or the defaults, for an exported folder), with the data changed as asked;
+    and whether a run's config was found."""
     saved = {}
     for candidate in (source / "config.json", source.parent / "config.json"):
         if candidate.is_file() and "data" in (found := json.loads(candidate.read_text())):
@@ -47,7 +48,7 @@ def run_config(source: Path, data: str | None, settings: list[str]) -> TrainConf
         cfg.data = OmegaConf.merge(cfg.data, OmegaConf.load(path))
         cfg.data.seq_len = seq_len  # the model's sequence length, unless --set changes it
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(settings))
-    return to_dataclass(cfg)
+    return to_dataclass(cfg), bool(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = args.tokenizer or loaded.tokenizer_path
         if tokenizer is None:
             raise FileNotFoundError(f"no tokenizer.json found beside {loaded.source}; pass --tokenizer PATH")
-        cfg = run_config(loaded.source, args.data, args.set)
+        cfg, from_run = run_config(loaded.source, args.data, args.set)
         cfg.data.tokenizer.path = str(tokenizer)
         cfg.model = loaded.cfg
         if OBJECTIVE_FAMILY[cfg.objective.name] != loaded.cfg.family:  # an exported folder: the family's own
             cfg.objective.name = next(k for k, v in OBJECTIVE_FAMILY.items() if v == loaded.cfg.family)
+        if not from_run and not any(s.split("=")[0].strip() == "data.seq_len" for s in args.set):
+            cfg.data.seq_len = loaded.cfg.max_seq_len  # an exported folder: the model's own length
+        validate(cfg)  # e.g. a data.seq_len beyond the model's position table
         corpus = prepare_corpus(cfg.data)
         objective = build_objective(cfg, corpus.tokenizer)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as err:

@@ -170,6 +170,11 @@ class Trainer:
                 "parallel.cpu_offload=true offloads CUDA shards to host memory; it needs a CUDA device"
             )
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+        folder_tokenizer = Path(cfg.model.init_from or "") / "tokenizer.json"
+        if cfg.model.init_from and cfg.data.tokenizer.path is None and folder_tokenizer.is_file():
+            # continued training reads text as the weights were trained to, not with a tokenizer trained anew
+            cfg.data.tokenizer.path = str(folder_tokenizer)
+            self.log("model.init_from: data.tokenizer.path=%s (the folder's own tokenizer)", folder_tokenizer)
 
         if corpus is None and not self.dist.is_main:
             barrier()  # rank 0 tokenizes and caches first; the others then read its cache
@@ -303,6 +308,14 @@ class Trainer:
             k: (v.pin_memory() if pin and not v.is_pinned() else v).to(self.device, non_blocking=True)
             for k, v in batch.items()
         }
+
+    @property
+    def strategy_name(self) -> str:
+        """What runs: parallel.strategy, except `single` on several ranks, which is DDP."""
+        strategy = self.cfg.parallel.strategy
+        if strategy == "single" and isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel):
+            return "ddp, from parallel=single on several ranks"
+        return strategy + (" + zero1" if self.cfg.parallel.zero1 and strategy != "fsdp" else "")
 
     @property
     def tokens_per_step(self) -> int:
@@ -499,7 +512,7 @@ class Trainer:
         self.log(
             "model: %s, %.2fM parameters (%.2fM without embeddings); %s on %s x %d (%s); %d tokens per step",
             cfg.model.family, n_params / 1e6, count_parameters(self.model, exclude_embeddings=True) / 1e6,
-            self.precision, self.device.type, self.dist.world_size, cfg.parallel.strategy, self.tokens_per_step,
+            self.precision, self.device.type, self.dist.world_size, self.strategy_name, self.tokens_per_step,
         )  # fmt: skip
         first = self.evaluate()
         self.log("step %d: val loss %.4f, bits per byte %.4f", self.step, first["val_loss"], first["val_bpb"])

@@ -28,7 +28,7 @@ from llmtrain.models import ModelConfig, build_model
 from llmtrain.objectives import MaskedLM, SpanCorruption
 from llmtrain.training.checkpoint import TRAIN_STATE
 from llmtrain.training.trainer import Trainer
-from tests.conftest import ROOT, compose_config, tiny_overrides
+from tests.conftest import ROOT, compose_config, synthetic_documents, tiny_overrides, write_jsonl
 
 VOCAB = 120
 
@@ -335,7 +335,6 @@ def test_training_continues_from_an_exported_folder(trained_run, corpus_file, ca
     export_hf(trainer.model.state_dict(), trainer.cfg.model, folder, trainer.corpus.tokenizer_path)
     overrides = tiny_overrides(corpus_file, cache_dir, tmp_path / "runs", "gpt2") + [
         f"model.init_from={folder}",
-        f"data.tokenizer.path={folder / 'tokenizer.json'}",
         "trainer.max_steps=2",
         "trainer.sample_tokens=0",
         "run_name=continued",
@@ -343,6 +342,16 @@ def test_training_continues_from_an_exported_folder(trained_run, corpus_file, ca
     continued = Trainer(to_dataclass(compose_config(overrides))).fit()
     # the new run starts where the exported model was, not from a random init
     assert continued["initial_val_loss"] == pytest.approx(result["val_loss"], abs=1e-4)
+    # on other text it still reads with the folder's tokenizer (not one trained anew on that text)
+    other = write_jsonl(tmp_path / "other.jsonl", [text.upper() for text in synthetic_documents(200, seed=5)])
+    overrides = tiny_overrides(other, cache_dir, tmp_path / "runs", "gpt2") + [
+        f"model.init_from={folder}",
+        "trainer.max_steps=1",
+        "trainer.sample_tokens=0",
+        "run_name=other",
+    ]
+    trainer = Trainer(to_dataclass(compose_config(overrides)))
+    assert (trainer.run_dir / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
 
 
 def test_damaged_checkpoints_get_clear_errors(trained_run, tmp_path):
@@ -407,6 +416,25 @@ def test_evaluate_script_reports_each_precision(trained_run, tmp_path, capsys):
     assert bf16["weight_bytes"] == fp32["weight_bytes"] // 2
     assert int8["weight_bytes"] <= 0.3 * fp32["weight_bytes"]
     assert int8["loss"] == pytest.approx(fp32["loss"], rel=0.02)
+
+
+def test_evaluate_script_on_an_exported_folder_uses_the_models_length(
+    trained_run, corpus_file, cache_dir, tmp_path, capsys
+):
+    """An exported folder has no run config: the windows take the model's max_seq_len (the default 256 ran
+    past this learned position table and crashed), and a longer data.seq_len is refused by name."""
+    trainer, _, _ = trained_run
+    folder = export_hf(
+        trainer.model.state_dict(), trainer.cfg.model, tmp_path / "hf", trainer.corpus.tokenizer_path
+    )
+    data = ["data.source=files", f"data.paths=[{corpus_file}]", f"data.cache_dir={cache_dir}"]
+    main = script_main("evaluate.py")
+    assert main([str(folder), "--batches", "1", "--batch-size", "2", "--set", *data]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["seq_len"] == trainer.cfg.model.max_seq_len == 64
+    assert report["results"]["fp32"]["targets"] == 2 * 64
+    assert main([str(folder), "--batches", "1", "--set", *data, "data.seq_len=65"]) == 2
+    assert "data.seq_len=65 is longer than the position table model.max_seq_len=64" in capsys.readouterr().err
 
 
 def test_int8_layers_are_per_output_channel_and_keep_ties():
