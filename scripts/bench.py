@@ -266,6 +266,12 @@ def main() -> None:
                     ),
                     flush=True,
                 )
+                if r.mfu_measured_peak > 1:
+                    say(
+                        "  note: MFU(measured) above 100%: the matmul probe ran slower than this step's matmuls "
+                        "(a busy or throttled machine while it ran); compare against a quiet run",
+                        flush=True,
+                    )
     destroy()
     if main_rank:
         Path(args.json).write_text(

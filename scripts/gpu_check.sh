@@ -26,3 +26,5 @@ fi
 if [ "${SKIP_DOCS:-0}" != 1 ]; then  # document-aware attention: boolean block masks (documents of 512 tokens)
   timeout 300 python3 scripts/bench.py --precisions bf16 --steps 8 --warmup 2 --compile --document-attention 512 --shapes $SHAPES --json "$OUT/single_compile_documents.json" 2>&1 | grep -v INFO | tee -a "$OUT/bench.log"
 fi
+# the host-side cost of FSDP2 on one device (plain model against FSDP with auto and forced resharding)
+timeout 120 python3 -m torch.distributed.run --standalone --nproc_per_node=1 scripts/profiling/fsdp_overhead.py 2>&1 | grep -v INFO | tee -a "$OUT/bench.log"
