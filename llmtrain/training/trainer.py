@@ -615,7 +615,14 @@ class Trainer:
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
-                self.write_metrics({"step": self.step, **self.evaluate()})
+                evaluated = self.evaluate()
+                self.write_metrics({"step": self.step, **evaluated})
+                self.log(
+                    "step %d: val loss %.4f, bits per byte %.4f",
+                    self.step,
+                    evaluated["val_loss"],
+                    evaluated["val_bpb"],
+                )
             if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps:
                 self.save()
             if self.step < t.max_steps and self._stop_requested(stop):
