@@ -260,6 +260,27 @@ def resolve_batch(cfg: TrainConfig, data_parallel_size: int) -> None:
     t.grad_accum_steps = accum
 
 
+def validate_lengths(cfg: TrainConfig) -> None:
+    """The windows the objective makes fit the model: data.seq_len, and T5's targets, within model.max_seq_len."""
+    _positive("data.seq_len", cfg.data.seq_len)
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the position table model.max_seq_len="
+            f"{cfg.model.max_seq_len}; allowed: data.seq_len <= {cfg.model.max_seq_len}"
+        )
+    if cfg.objective.name == "span_corruption":
+        from llmtrain.objectives import compute_input_and_target_lengths
+
+        _, targets = compute_input_and_target_lengths(
+            cfg.data.seq_len, cfg.objective.noise_density, cfg.objective.mean_noise_span_length
+        )
+        targets = cfg.objective.targets_length or targets
+        if targets > cfg.model.max_seq_len:
+            raise ConfigError(
+                f"span corruption targets of {targets} tokens exceed model.max_seq_len={cfg.model.max_seq_len}"
+            )
+
+
 def validate(cfg: TrainConfig) -> None:
     """Everything that can be checked before data, model or run directory exist."""
     try:
@@ -295,23 +316,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.mixture weights sum to 0; at least one source needs a positive weight")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
-    _positive("data.seq_len", cfg.data.seq_len)
-    if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is longer than the position table model.max_seq_len="
-            f"{cfg.model.max_seq_len}; allowed: data.seq_len <= {cfg.model.max_seq_len}"
-        )
-    if cfg.objective.name == "span_corruption":
-        from llmtrain.objectives import compute_input_and_target_lengths
-
-        _, targets = compute_input_and_target_lengths(
-            cfg.data.seq_len, cfg.objective.noise_density, cfg.objective.mean_noise_span_length
-        )
-        targets = cfg.objective.targets_length or targets
-        if targets > cfg.model.max_seq_len:
-            raise ConfigError(
-                f"span corruption targets of {targets} tokens exceed model.max_seq_len={cfg.model.max_seq_len}"
-            )
+    validate_lengths(cfg)
     _positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
     if (
         cfg.model.vocab_size

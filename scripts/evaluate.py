@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llmtrain.config import ConfigError, TrainConfig, to_dataclass, validate
+from llmtrain.config import ConfigError, TrainConfig, to_dataclass, validate_lengths
 from llmtrain.data import DataError, prepare_corpus
 from llmtrain.inference.evaluate import evaluate_model
 from llmtrain.inference.loading import CheckpointError, load_trained_model
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if OBJECTIVE_FAMILY[cfg.objective.name] != loaded.cfg.family:  # an exported folder: the family's own
             cfg.objective.name = next(k for k, v in OBJECTIVE_FAMILY.items() if v == loaded.cfg.family)
         if not from_run and not any(s.split("=")[0].strip() == "data.seq_len" for s in args.set):
-            cfg.data.seq_len = loaded.cfg.max_seq_len  # an exported folder: the model's own length
-        validate(cfg)  # e.g. a data.seq_len beyond the model's position table
+            # an exported folder: the default length, or the model's own where that is shorter
+            cfg.data.seq_len = min(cfg.data.seq_len, loaded.cfg.max_seq_len)
+        validate_lengths(cfg)  # e.g. a data.seq_len beyond the model's position table
         corpus = prepare_corpus(cfg.data)
         objective = build_objective(cfg, corpus.tokenizer)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as err:
@@ -97,9 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precision:
         model = load_trained_model(loaded.source, args.device).model if precision != "fp32" else loaded.model
         model = with_precision(model, precision)
-        metrics = evaluate_model(
-            model, objective, corpus.val, token_bytes, args.batch_size, args.batches, cfg.seed
-        )
+        try:
+            metrics = evaluate_model(
+                model, objective, corpus.val, token_bytes, args.batch_size, args.batches, cfg.seed
+            )
+        except DataError as err:  # e.g. a validation split shorter than one batch of windows
+            print(
+                f"error: {err} (--batch-size {args.batch_size}, data.seq_len={cfg.data.seq_len})",
+                file=sys.stderr,
+            )
+            return 2
         result["results"][precision] = {**metrics, "weight_bytes": weight_bytes(model)}
         print(
             f"{precision:>5}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from llmtrain.config import ConfigError, TrainConfig, resolve_batch
-from llmtrain.data import Corpus, Tokenizer
+from llmtrain.data import Corpus, DataError, Tokenizer, load_tokenizer
 from llmtrain.data.mixture import build_loaders, load_corpus
 from llmtrain.data.prefetch import Prefetcher
 from llmtrain.distributed.env import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -170,15 +170,19 @@ class Trainer:
                 "parallel.cpu_offload=true offloads CUDA shards to host memory; it needs a CUDA device"
             )
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-        folder_tokenizer = Path(cfg.model.init_from or "") / "tokenizer.json"
-        if cfg.model.init_from and cfg.data.tokenizer.path is None and folder_tokenizer.is_file():
-            # continued training reads text as the weights were trained to, not with a tokenizer trained anew
-            cfg.data.tokenizer.path = str(folder_tokenizer)
-            self.log("model.init_from: data.tokenizer.path=%s (the folder's own tokenizer)", folder_tokenizer)
+        chosen_tokenizer = self._init_from_tokenizer(cfg)
 
         if corpus is None and not self.dist.is_main:
             barrier()  # rank 0 tokenizes and caches first; the others then read its cache
-        self.corpus = corpus or load_corpus(cfg.data)  # data.shards, data.mixture, or tokenised here
+        try:
+            self.corpus = corpus or load_corpus(cfg.data)  # data.shards, data.mixture, or tokenised here
+        except DataError as err:  # e.g. shards made with another tokenizer than the weights'
+            if chosen_tokenizer is None:
+                raise
+            raise DataError(
+                f"model.init_from={cfg.model.init_from} set data.tokenizer.path={chosen_tokenizer} (the tokenizer "
+                f"its weights were trained with): {err}"
+            ) from None
         if corpus is None and self.dist.is_main:
             barrier()
         tok = self.corpus.tokenizer
@@ -241,13 +245,45 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
-            if Path(self.corpus.tokenizer_path).is_file():  # export, generate and evaluate find it there
-                shutil.copyfile(self.corpus.tokenizer_path, self.run_dir / "tokenizer.json")
+            kept = self.run_dir / "tokenizer.json"  # export, generate and evaluate find it there
+            source = Path(self.corpus.tokenizer_path)
+            if source.is_file() and (not kept.exists() or not kept.samefile(source)):
+                shutil.copyfile(source, kept)
         barrier()
         resumed = self._resume()
         self.metrics = (
             MetricsLog(cfg, self.run_dir, resolved_config, append=resumed) if self.dist.is_main else None
         )
+
+    def _init_from_tokenizer(self, cfg: TrainConfig) -> Path | None:
+        """model.init_from without data.tokenizer.path: read the text as the weights were trained to, with the
+        folder's tokenizer.json (a resumed run: the one it started with, its run directory's copy). Returns
+        the tokenizer chosen, or None (a tokenizer is then trained on the data, with a warning)."""
+        if not cfg.model.init_from or cfg.data.tokenizer.path is not None:
+            return None
+        own = Path(cfg.output_dir) / cfg.run_name / "tokenizer.json"
+        folder = Path(cfg.model.init_from) / "tokenizer.json"
+        resuming = cfg.trainer.resume == "auto" and latest_checkpoint(own.parent) is not None
+        chosen = own if resuming and own.is_file() else folder
+        warn = log.warning if self.dist.is_main else (lambda *args: None)
+        if not chosen.is_file():
+            warn(
+                "model.init_from=%s holds no tokenizer.json: a tokenizer is trained on the data, whose ids need "
+                "not be the ones the weights learned; set data.tokenizer.path to the model's tokenizer",
+                cfg.model.init_from,
+            )
+            return None
+        try:
+            load_tokenizer(chosen)
+        except ValueError as err:  # e.g. a Hugging Face tokenizer.json without llmtrain's special tokens
+            warn(
+                "model.init_from: %s; a tokenizer is trained on the data instead (set data.tokenizer.path)",
+                err,
+            )
+            return None
+        cfg.data.tokenizer.path = str(chosen)
+        self.log("model.init_from: data.tokenizer.path=%s", chosen)
+        return chosen
 
     def _fit_vocabulary(self, tok: Tokenizer) -> None:
         """The model's vocabulary follows the tokenizer; token ids beyond it are refused naming the tokens."""

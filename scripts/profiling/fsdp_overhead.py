@@ -42,10 +42,12 @@ def main() -> None:
         parallelize.apply_fsdp = lambda m, mesh, precision, reshard=None, offload=False: apply(
             m, mesh, precision, True, offload
         )
-        trainers["fsdp reshard"] = make_trainer(
-            "fsdp_overhead", args.precision, False, "fsdp", None, Path(out)
-        )
-        parallelize.apply_fsdp = apply
+        try:
+            trainers["fsdp reshard"] = make_trainer(
+                "fsdp_overhead", args.precision, False, "fsdp", None, Path(out)
+            )
+        finally:
+            parallelize.apply_fsdp = apply
         trainers["plain"] = make_trainer("fsdp_overhead", args.precision, False, "single", None, Path(out))
         times: dict[str, list[float]] = {name: [] for name in trainers}
         for trainer in trainers.values():

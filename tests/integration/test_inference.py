@@ -354,6 +354,32 @@ def test_training_continues_from_an_exported_folder(trained_run, corpus_file, ca
     assert (trainer.run_dir / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
 
 
+def test_init_from_tokenizer_on_resume_and_when_missing(
+    trained_run, corpus_file, cache_dir, tmp_path, caplog
+):
+    """A resumed run keeps the tokenizer it started with (its run directory's copy), even where that is not
+    the folder's; a folder without tokenizer.json trains one on the data, with a warning."""
+    trainer, _, _ = trained_run
+    folder = tmp_path / "hf"
+    export_hf(trainer.model.state_dict(), trainer.cfg.model, folder, trainer.corpus.tokenizer_path)
+    other = write_jsonl(tmp_path / "other.jsonl", [text.upper() for text in synthetic_documents(200, seed=5)])
+    base = tiny_overrides(other, cache_dir, tmp_path / "runs", "gpt2") + ["trainer.sample_tokens=0"]
+    other_tokenizer = Trainer(to_dataclass(compose_config(base + ["run_name=plain"]))).corpus.tokenizer_path
+    started = base + [f"model.init_from={folder}", "trainer.max_steps=1", "run_name=started"]
+    Trainer(to_dataclass(compose_config([*started, f"data.tokenizer.path={other_tokenizer}"]))).fit()
+    resumed = Trainer(
+        to_dataclass(compose_config([*started[:-2], "trainer.max_steps=2", "run_name=started"]))
+    )
+    assert resumed.step == 1  # it did resume
+    assert Path(resumed.cfg.data.tokenizer.path) == resumed.run_dir / "tokenizer.json"
+    assert (resumed.run_dir / "tokenizer.json").read_bytes() == Path(other_tokenizer).read_bytes()
+
+    bare = shutil.copytree(folder, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer.json"))
+    with caplog.at_level("WARNING"):
+        fresh = Trainer(to_dataclass(compose_config(base + [f"model.init_from={bare}", "run_name=bare"])))
+    assert fresh.cfg.data.tokenizer.path is None and "holds no tokenizer.json" in caplog.text
+
+
 def test_damaged_checkpoints_get_clear_errors(trained_run, tmp_path):
     trainer, _, _ = trained_run
     source = load_trained_model(trainer.run_dir).source
@@ -435,6 +461,13 @@ def test_evaluate_script_on_an_exported_folder_uses_the_models_length(
     assert report["results"]["fp32"]["targets"] == 2 * 64
     assert main([str(folder), "--batches", "1", "--set", *data, "data.seq_len=65"]) == 2
     assert "data.seq_len=65 is longer than the position table model.max_seq_len=64" in capsys.readouterr().err
+    # a run's batch layout is not re-checked against this shell's world size: one trained on 2 ranks
+    # (global batch 32 = 2 x 8 x 2 accumulation) evaluates in one process
+    two_ranks = shutil.copytree(trainer.run_dir, tmp_path / "two_ranks")
+    saved = json.loads((two_ranks / "config.json").read_text())
+    saved["trainer"].update(global_batch_size=32, micro_batch_size=8, grad_accum_steps=2)
+    (two_ranks / "config.json").write_text(json.dumps(saved))
+    assert main([str(two_ranks), "--batches", "1", "--batch-size", "2"]) == 0, capsys.readouterr().err
 
 
 def test_int8_layers_are_per_output_channel_and_keep_ties():
