@@ -165,6 +165,11 @@ class Trainer:
         self.device, rank, world = self.dist.device, self.dist.rank, self.dist.world_size
         resolve_batch(cfg, world)
         self.precision = resolve_precision(t.precision, self.device)
+        if cfg.parallel.zero1 and not self.dist.distributed:
+            raise ConfigError(
+                "parallel.zero1=true shards the optimizer states over data-parallel ranks; this is one process "
+                "(launch with torchrun --nproc_per_node=N, N >= 2, or drop parallel.zero1)"
+            )
         if cfg.parallel.cpu_offload and self.device.type != "cuda":
             raise ConfigError(
                 "parallel.cpu_offload=true offloads CUDA shards to host memory; it needs a CUDA device"

@@ -57,6 +57,10 @@ def test_wrong_type_names_the_key(tmp_path):
         ("trainer.precision=fp16", "trainer.precision=fp16 needs a CUDA device"),
         ("parallel.zero1=true", "parallel.zero1=true needs parallel.strategy=ddp, not single"),
         ("parallel=fsdp", "parallel.cpu_offload=true offloads CUDA shards"),
+        (
+            "parallel=ddp",
+            "parallel.zero1=true shards the optimizer states over data-parallel ranks; this is one",
+        ),
     ],
 )
 def test_bad_settings_fail_early_with_one_line(corpus_file, cache_dir, tmp_path, override, named):
@@ -64,6 +68,8 @@ def test_bad_settings_fail_early_with_one_line(corpus_file, cache_dir, tmp_path,
     overrides = tiny_overrides(corpus_file, cache_dir, out) + ["model.n_heads=4", override]
     if override == "parallel=fsdp":
         overrides.append("parallel.cpu_offload=true")
+    if override == "parallel=ddp":  # ZeRO-1 in one process
+        overrides.append("parallel.zero1=true")
     proc = run_train(*overrides)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
