@@ -75,7 +75,7 @@ class MemoryOptions:
         return gib * GIB * self.usable_fraction
 
 
-def strategy_of(parallel: ParallelConfig, world_size: int, precision: str = "bf16") -> tuple[str, int | None]:
+def strategy_of(parallel: ParallelConfig, world_size: int, precision: str) -> tuple[str, int | None]:
     """The estimator's strategy (and hybrid shard size) for llmtrain's parallel config on world_size devices:
     single/ddp -> ddp (zero1 with parallel.zero1); fsdp -> zero3 (zero2 without resharding after forward)
     when sharded over all devices, else hybrid over parallel.shard_size."""

@@ -339,6 +339,11 @@ class Trainer:
         if self.dist.is_main:
             log.info(message, *args)
 
+    def log_evaluation(self, metrics: dict[str, float]) -> None:
+        self.log(
+            "step %d: val loss %.4f, bits per byte %.4f", self.step, metrics["val_loss"], metrics["val_bpb"]
+        )
+
     def write_metrics(self, record: dict[str, Any]) -> None:
         if self.metrics:
             self.metrics.write(record)
@@ -556,7 +561,7 @@ class Trainer:
             self.precision, self.device.type, self.dist.world_size, self.strategy_name, self.tokens_per_step,
         )  # fmt: skip
         first = self.evaluate()
-        self.log("step %d: val loss %.4f, bits per byte %.4f", self.step, first["val_loss"], first["val_bpb"])
+        self.log_evaluation(first)
         self.write_metrics({"step": self.step, **first})
         result = {"initial_" + k: v for k, v in first.items()}
 
@@ -589,7 +594,7 @@ class Trainer:
 
         final = self.evaluate()
         self.write_metrics({"step": self.step, **final})
-        self.log("step %d: val loss %.4f, bits per byte %.4f", self.step, final["val_loss"], final["val_bpb"])
+        self.log_evaluation(final)
         result.update(final, train_seconds=time.perf_counter() - start, steps=self.step)
         result["state_bytes_rank0"] = self.state_bytes()
         if t.checkpoint:
@@ -658,12 +663,7 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
                 evaluated = self.evaluate()
                 self.write_metrics({"step": self.step, **evaluated})
-                self.log(
-                    "step %d: val loss %.4f, bits per byte %.4f",
-                    self.step,
-                    evaluated["val_loss"],
-                    evaluated["val_bpb"],
-                )
+                self.log_evaluation(evaluated)
             if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps:
                 self.save()
             if self.step < t.max_steps and self._stop_requested(stop):

@@ -45,8 +45,9 @@ def runner(corpus_file, cache_dir, out):
             "trainer.log_interval=1",
             *extra,
         ]
-        launch(nproc, overrides)
+        proc = launch(nproc, overrides)
         result = json.loads((out / name / "result.json").read_text())
+        result["log"] = proc.stderr
         result["losses"] = step_losses(out / name)
         result["weights"] = final_weights(out / name)
         return result
@@ -97,6 +98,8 @@ def test_strategy_matches_single_process(run, reference, name, nproc, micro_batc
     assert max_weight_difference(result["weights"], reference["weights"]) < 1e-5
     assert result["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-5)
     assert result["val_loss"] < reference["initial_val_loss"]
+    if name == "single_under_torchrun":  # the run says what it is
+        assert "x 2 (ddp, from parallel=single on several ranks)" in result["log"]
 
 
 def test_full_sharding_holds_about_half_the_state_of_ddp(run):

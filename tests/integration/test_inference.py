@@ -378,6 +378,15 @@ def test_init_from_tokenizer_on_resume_and_when_missing(
     with caplog.at_level("WARNING"):
         fresh = Trainer(to_dataclass(compose_config(base + [f"model.init_from={bare}", "run_name=bare"])))
     assert fresh.cfg.data.tokenizer.path is None and "holds no tokenizer.json" in caplog.text
+    (bare / "tokenizer.json").write_text("{}")  # not a tokenizer llmtrain reads (say, another library's)
+    with caplog.at_level("WARNING"):
+        foreign = Trainer(
+            to_dataclass(compose_config(base + [f"model.init_from={bare}", "run_name=foreign"]))
+        )
+    assert (
+        foreign.cfg.data.tokenizer.path is None
+        and "a tokenizer is trained on the data instead" in caplog.text
+    )
 
 
 def test_damaged_checkpoints_get_clear_errors(trained_run, tmp_path):
@@ -459,6 +468,8 @@ def test_evaluate_script_on_an_exported_folder_uses_the_models_length(
     report = json.loads(capsys.readouterr().out)
     assert report["seq_len"] == trainer.cfg.model.max_seq_len == 64
     assert report["results"]["fp32"]["targets"] == 2 * 64
+    assert main([str(folder), "--batches", "1", "--batch-size", "100000", "--set", *data]) == 2
+    assert "--batch-size 100000" in capsys.readouterr().err  # a validation split shorter than one batch
     assert main([str(folder), "--batches", "1", "--set", *data, "data.seq_len=65"]) == 2
     assert "data.seq_len=65 is longer than the position table model.max_seq_len=64" in capsys.readouterr().err
     # a run's batch layout is not re-checked against this shell's world size: one trained on 2 ranks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,23 @@ def test_misspelled_override_names_the_key(tmp_path):
     assert proc.returncode != 0
     assert "max_stepz" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_rank_zero_logs_info(rank):
+    """Under torchrun the other ranks log their warnings and errors only (the README: only rank 0 writes logs)."""
+    code = (
+        "import logging; from llmtrain.cli import setup_logging; setup_logging(); "
+        "logging.getLogger('llmtrain').info('an info line'); logging.getLogger('llmtrain').warning('a warning')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "RANK": rank},
+    )
+    assert "a warning" in proc.stderr and ("an info line" in proc.stderr) == (rank == "0"), proc.stderr
 
 
 def test_wrong_type_names_the_key(tmp_path):

@@ -168,6 +168,16 @@ def test_throughput_metrics_are_logged_consistently(tiny_config):
         assert 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0.05
 
 
+def test_every_evaluation_is_logged_to_the_console(tiny_config, caplog):
+    """The first, each trainer.eval_interval, and the last evaluation print their val loss and bits per byte."""
+    trainer = Trainer(tiny_config("decoder", "trainer.max_steps=6", "trainer.eval_interval=2"))
+    with caplog.at_level("INFO", logger="llmtrain"):
+        result = trainer.fit()
+    logged = [r.getMessage() for r in caplog.records if "val loss" in r.getMessage()]
+    assert [line.split(":")[0] for line in logged] == ["step 0", "step 2", "step 4", "step 6"]
+    assert logged[-1] == f"step 6: val loss {result['val_loss']:.4f}, bits per byte {result['val_bpb']:.4f}"
+
+
 def test_flop_budget_sets_the_number_of_steps(tiny_config):
     probe = Trainer(tiny_config("decoder", "run_name=probe"))
     budget = 5.5 * probe.flops_per_step
