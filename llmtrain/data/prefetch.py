@@ -18,6 +18,14 @@ import torch
 from llmtrain.data.loader import WindowLoader
 
 
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous page-locked copy, so that `.to("cuda", non_blocking=True)` is one asynchronous copy
+    (`pin_memory()` keeps a view's strides, and CUDA copies a non-contiguous tensor through pageable memory)."""
+    if t.is_contiguous():
+        return t.pin_memory()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+
+
 class Prefetcher:
     def __init__(
         self,
@@ -41,7 +49,7 @@ class Prefetcher:
 
     def _make(self) -> dict[str, torch.Tensor]:
         batch = self.objective(self.loader.next_batch(), self.rng)
-        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+        return {k: pinned(v) for k, v in batch.items()} if self.pin_memory else batch
 
     def _produce(self) -> None:
         try:

@@ -35,10 +35,13 @@ def block_lists(model: nn.Module) -> Iterator[nn.ModuleList]:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of storing them."""
+    """Recompute each block's activations in backward instead of storing them. A block with dropout replays
+    the forward's RNG state in its recomputation, so backward sees the masks the forward drew; without
+    dropout there is no random op to replay and the RNG state is not saved."""
     for layers in block_lists(model):
         for i, block in enumerate(layers):
-            layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            random = any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules())
+            layers[i] = checkpoint_wrapper(block, preserve_rng_state=random)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -125,5 +128,6 @@ def parallelize(model: nn.Module, parallel, info: DistInfo, precision: str) -> n
         return model
     if info.distributed:  # ddp, or `single` launched by torchrun on several ranks: replicas must stay in sync
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # gradients are views into DDP's all-reduce buckets: no second copy of them
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
     return model

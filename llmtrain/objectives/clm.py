@@ -21,7 +21,8 @@ class CausalLM:
         self, windows: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """windows (B, seq_len + 1) -> input_ids (B, seq_len), labels (B, seq_len)."""
-        batch = {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
+        # contiguous: a strided view would be pinned as it is and then copied to CUDA through pageable memory
+        batch = {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
         if self.document_eos_id is not None:
             batch["document_ids"] = document_ids(batch["input_ids"], self.document_eos_id)
         return batch

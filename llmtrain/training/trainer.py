@@ -20,7 +20,7 @@ import torch
 from llmtrain.config import ConfigError, TrainConfig, resolve_batch
 from llmtrain.data import Corpus, DataError, Tokenizer, load_tokenizer
 from llmtrain.data.mixture import build_loaders, load_corpus
-from llmtrain.data.prefetch import Prefetcher
+from llmtrain.data.prefetch import Prefetcher, pinned
 from llmtrain.distributed.env import DistInfo, all_reduce_sum, barrier, init_distributed
 from llmtrain.distributed.parallelize import parallelize, reshard_all
 from llmtrain.inference.generate import greedy_seq2seq, sample
@@ -158,7 +158,10 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         try:
             self.dist: DistInfo = init_distributed(
-                t.device, cfg.parallel.timeout_minutes, need_group=cfg.parallel.strategy == "fsdp"
+                t.device,
+                cfg.parallel.timeout_minutes,
+                need_group=cfg.parallel.strategy == "fsdp",
+                cpu_collectives=cfg.parallel.cpu_offload,
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -351,7 +354,7 @@ class Trainer:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pin = self.device.type == "cuda"
         return {
-            k: (v.pin_memory() if pin and not v.is_pinned() else v).to(self.device, non_blocking=True)
+            k: (pinned(v) if pin and not v.is_pinned() else v).to(self.device, non_blocking=True)
             for k, v in batch.items()
         }
 
@@ -390,7 +393,9 @@ class Trainer:
             nats += out.loss.double() * out.n_targets
             targets += out.n_targets
             labels = batch["labels"]
-            n_bytes += self.token_bytes[labels[labels >= 0]].sum()
+            n_bytes += (
+                self.token_bytes[labels.clamp(min=0)] * (labels >= 0)
+            ).sum()  # no mask indexing: no sync
         self.model.train()
         sums = all_reduce_sum(torch.stack([nats, targets.double(), n_bytes.double()]))
         nats, targets, n_bytes = sums[0], sums[1], sums[2]
@@ -660,12 +665,16 @@ class Trainer:
                     )  # fmt: skip
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
+            paused = (
+                time.perf_counter()
+            )  # evaluation and checkpoints are not training: off the window's clock
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
                 evaluated = self.evaluate()
                 self.write_metrics({"step": self.step, **evaluated})
                 self.log_evaluation(evaluated)
             if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps:
                 self.save()
+            window_start += time.perf_counter() - paused
             if self.step < t.max_steps and self._stop_requested(stop):
                 return stop.reason
         return None

@@ -276,6 +276,10 @@ def test_a_training_step_runs_no_op_that_would_make_a_cuda_device_sync(tiny_conf
         trainer.train_step()
         trainer.train_step()
     assert recorder.syncing == [], recorder.syncing
+    # an evaluation reads its sums back once at the end, and its micro-batches sync no more than the steps
+    with Recorder() as recorder:
+        trainer.evaluate()
+    assert [op for op in recorder.syncing if "_local_scalar_dense" not in op] == [], recorder.syncing
     # the recorder sees what it looks for: the same model fed without the objective's positions
     batch = trainer.objective(trainer.val_loader.next_batch(), torch.Generator().manual_seed(0))
     batch.pop("label_positions", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -135,8 +136,15 @@ def test_compiled_blocks_train_like_eager(tiny_config):
     assert result["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-4)
 
 
-def test_activation_checkpointing_matches_plain(tiny_config):
-    steps = ("trainer.max_steps=4", "trainer.sample_tokens=0", "trainer.checkpoint=false")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_matches_plain(tiny_config, dropout):
+    """With dropout, the recomputation replays the forward's RNG state: the same masks, the same training."""
+    steps = (
+        "trainer.max_steps=4",
+        "trainer.sample_tokens=0",
+        "trainer.checkpoint=false",
+        f"model.dropout={dropout}",
+    )
     plain = Trainer(tiny_config("encoder_decoder", *steps, "run_name=plain")).fit()
     ckpt = Trainer(
         tiny_config("encoder_decoder", *steps, "run_name=ac", "parallel.activation_checkpointing=true")
@@ -166,6 +174,33 @@ def test_throughput_metrics_are_logged_consistently(tiny_config):
         assert r["tflops_per_device"] * 1e12 == pytest.approx(corpus_tokens_per_s * per_token, rel=1e-6)
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / trainer.peak_flops, rel=1e-9)
         assert 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0.05
+
+
+def test_throughput_windows_leave_out_evaluations_and_checkpoints(tiny_config, monkeypatch):
+    """tokens/s and MFU time the training steps only: a slow evaluation or checkpoint between two log lines
+    does not count against the window after it."""
+    trainer = Trainer(
+        tiny_config(
+            "decoder",
+            "trainer.max_steps=6",
+            "trainer.log_interval=2",
+            "trainer.eval_interval=2",
+            "trainer.checkpoint_interval=3",
+        )
+    )
+    pause = 1.5
+    evaluate, save = trainer.evaluate, trainer.save
+    monkeypatch.setattr(trainer, "evaluate", lambda: (time.sleep(pause), evaluate())[1])
+    monkeypatch.setattr(trainer, "save", lambda: (time.sleep(pause), save())[1])
+    trainer.fit()
+    windows = [
+        r
+        for r in map(json.loads, (trainer.run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert [r["step"] for r in windows] == [2, 4, 6]
+    for r in windows:  # two steps of a tiny model: far below one pause
+        assert 2 * trainer.tokens_per_step / r["tokens_per_s"] < pause, windows
 
 
 def test_every_evaluation_is_logged_to_the_console(tiny_config, caplog):

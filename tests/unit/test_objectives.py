@@ -359,20 +359,25 @@ def test_objectives_feed_their_models():
     g = torch.Generator().manual_seed(10)
     clm = CausalLM(seq_len=32)
     decoder = build_model(ModelConfig(family="decoder", **cfg))
-    out = decoder(**clm(torch.randint(*ORDINARY, (2, clm.raw_length), generator=g)))
+    batch = clm(torch.randint(*ORDINARY, (2, clm.raw_length), generator=g))
+    out = decoder(**batch)
     assert out.n_targets.item() == 64 and torch.isfinite(out.loss)
+    contiguous = [all(v.is_contiguous() for v in batch.values())]  # pinned and copied to CUDA in one piece
 
     mlm = MaskedLM(seq_len=32, vocab_size=SC_VOCAB, mask_token_id=MASK, special_token_ids=SPECIAL)
     encoder = build_model(ModelConfig(family="encoder", **cfg))
     batch = mlm(torch.randint(*ORDINARY, (2, 32), generator=g), generator=g)
     out = encoder(**batch)
     assert out.logits.shape[0] == (batch["labels"] != IGNORE_INDEX).sum() and torch.isfinite(out.loss)
+    contiguous.append(all(v.is_contiguous() for v in batch.values()))
 
     span = span_objective(48)
     encoder_decoder = build_model(ModelConfig(family="encoder_decoder", **cfg))
     batch = span(span_windows(span, rows=2, seed=11), generator=g)
     out = encoder_decoder(**batch)
     assert out.logits.shape == (2, span.target_length, SC_VOCAB) and torch.isfinite(out.loss)
+    contiguous.append(all(v.is_contiguous() for v in batch.values()))
+    assert contiguous == [True, True, True]
 
 
 # --- the vectorised objectives against straightforward per-window references -------------------------------------
