@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from llmtrain.models.config import ModelConfig, ModelConfigError, check_model_config
-from llmtrain.objectives import OBJECTIVE_FAMILY
+from llmtrain.objectives import OBJECTIVE_FAMILY, check_mlm_rates, check_span_settings
 
 
 @dataclass
@@ -236,8 +237,32 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: int | float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name}={value} must be > 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name}={value} must be > 0 (and finite)")
+
+
+def _non_negative(name: str, value: int | float, meaning: str = "") -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{name}={value} must be >= 0{meaning}")
+
+
+def _unit_interval(name: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ConfigError(f"{name}={value} must be in [0, 1)")
+
+
+def check_shard_size(shard_size: int, world: int) -> None:
+    """FSDP's shard group: 0 (all ranks), 1 (replicate) or a divisor of the world size (hybrid)."""
+    if shard_size < 0 or (shard_size and world % shard_size):
+        raise ConfigError(
+            f"parallel.shard_size={shard_size} must divide the world size {world}; allowed: 0 (= world size, "
+            "full shard), 1 (replicate, like DDP), or a divisor in between (hybrid shard)"
+        )
+
+
+def _directory_or_absent(name: str, path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}: {path} is a file, not a directory; give a directory (made if missing)")
 
 
 def resolve_batch(cfg: TrainConfig, data_parallel_size: int) -> None:
@@ -295,6 +320,13 @@ def validate(cfg: TrainConfig) -> None:
             f"allowed for {cfg.model.family}: "
             + ", ".join(k for k, v in OBJECTIVE_FAMILY.items() if v == cfg.model.family)
         )
+    try:  # the objective's own rules, checked before any data is read
+        if cfg.objective.name == "mlm":
+            check_mlm_rates(cfg.objective.select_rate, cfg.objective.mask_rate, cfg.objective.random_rate)
+        elif cfg.objective.name == "span_corruption":
+            check_span_settings(cfg.objective.noise_density, cfg.objective.mean_noise_span_length)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _one_of("data.source", cfg.data.source, ("stdlib", "files", "hub"))
     prepared = bool(cfg.data.shards or cfg.data.mixture)  # tokens come from shards: the source is not read
     if cfg.data.source == "files" and not cfg.data.paths and not prepared:
@@ -312,10 +344,15 @@ def validate(cfg: TrainConfig) -> None:
             )
         if not source.weight >= 0:
             raise ConfigError(f"data.mixture[{i}].weight={source.weight} must be >= 0")
+        if source.max_epochs is not None:
+            _positive(f"data.mixture[{i}].max_epochs", source.max_epochs)
     if cfg.data.mixture and not sum(s.weight for s in cfg.data.mixture) > 0:
         raise ConfigError("data.mixture weights sum to 0; at least one source needs a positive weight")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    for name in ("max_documents", "max_bytes"):
+        if getattr(cfg.data, name) is not None:
+            _positive(f"data.{name}", getattr(cfg.data, name))
     validate_lengths(cfg)
     _positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
     if (
@@ -329,11 +366,21 @@ def validate(cfg: TrainConfig) -> None:
         )
     for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
         _positive(f"trainer.{name}", getattr(cfg.trainer, name))
+    t = cfg.trainer
+    _non_negative("trainer.eval_interval", t.eval_interval, " (0: evaluate only at the start and the end)")
+    _non_negative("trainer.checkpoint_interval", t.checkpoint_interval, " (0: save only at the end)")
+    _non_negative("trainer.prefetch", t.prefetch, " (0: batches made in the training step)")
+    _non_negative("trainer.num_threads", t.num_threads, " (0: torch's default)")
+    _non_negative("trainer.time_limit_minutes", t.time_limit_minutes, " (0: no limit)")
+    if t.max_flops is not None:
+        _positive("trainer.max_flops", t.max_flops)
     _one_of("trainer.precision", cfg.trainer.precision, ("auto", "bf16", "fp16", "fp32"))
     p = cfg.parallel
     _one_of("parallel.strategy", p.strategy, ("single", "ddp", "fsdp"))
-    if p.shard_size < 0:
-        raise ConfigError(f"parallel.shard_size={p.shard_size} must be >= 0 (0 = world size)")
+    if p.strategy == "fsdp":  # under torchrun the world size is known now
+        check_shard_size(p.shard_size, int(os.environ.get("WORLD_SIZE", "1")))
+    else:
+        _non_negative("parallel.shard_size", p.shard_size, " (it applies to parallel.strategy=fsdp)")
     if p.zero1 and p.strategy != "ddp":
         raise ConfigError(f"parallel.zero1=true needs parallel.strategy=ddp, not {p.strategy}")
     if p.cpu_offload and p.strategy != "fsdp":
@@ -350,11 +397,18 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.trainer.global_batch_size is not None:
         _positive("trainer.global_batch_size", cfg.trainer.global_batch_size)
     _positive("optim.lr", cfg.optim.lr)
+    _non_negative("optim.weight_decay", cfg.optim.weight_decay)
+    _unit_interval("optim.beta1", cfg.optim.beta1)
+    _unit_interval("optim.beta2", cfg.optim.beta2)
+    _positive("optim.eps", cfg.optim.eps)
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
     if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
     if not math.isfinite(cfg.optim.grad_clip) or cfg.optim.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 disables clipping)")
     _one_of("logger.wandb", cfg.logger.wandb, ("offline", "online", "disabled"))
-    if not cfg.run_name or "/" in cfg.run_name:
-        raise ConfigError(f"run_name={cfg.run_name!r} must be a non-empty name without '/'")
+    if not cfg.run_name or "/" in cfg.run_name or os.sep in cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(f"run_name={cfg.run_name!r} must be a non-empty name without '/', not '.' or '..'")
+    _directory_or_absent("output_dir", Path(cfg.output_dir))
+    _directory_or_absent("run_name (its run directory)", Path(cfg.output_dir) / cfg.run_name)
+    _directory_or_absent("data.cache_dir", Path(cfg.data.cache_dir))

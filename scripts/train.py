@@ -16,6 +16,7 @@ from llmtrain.config import ConfigError, register_configs, to_dataclass, validat
 from llmtrain.data import DataError
 from llmtrain.distributed.env import destroy
 from llmtrain.models import ModelConfigError
+from llmtrain.training.guards import NonFiniteError
 
 register_configs()
 
@@ -34,6 +35,15 @@ def main(dict_cfg: DictConfig) -> None:
     except (ConfigError, ModelConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as err:  # the guard's verdict, naming the step (trainer.nonfinite)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # e.g. a full disk: a save that fails leaves only its .partial folder
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # outside the training loop (which checkpoints and exits 0 on SIGINT)
+        print("error: interrupted before training started or while it finished", file=sys.stderr)
+        sys.exit(130)
     finally:
         destroy()  # an undestroyed process group can abort the interpreter at exit
 

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from llmtrain.config import reshards_after_forward
+from llmtrain.config import check_shard_size, reshards_after_forward
 from llmtrain.distributed.env import DistInfo
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,12 +54,8 @@ def apply_compile(model: nn.Module) -> None:
 def fsdp_mesh(info: DistInfo, shard_size: int) -> DeviceMesh:
     """1-D mesh for full sharding; 2-D (replicate, shard) for hybrid sharding; shard_size 1 replicates."""
     world = info.world_size
+    check_shard_size(shard_size, world)
     shard = shard_size or world
-    if shard < 1 or world % shard:
-        raise ValueError(
-            f"parallel.shard_size={shard_size} must divide the world size {world}; allowed: 0 (= world size, full "
-            f"shard), 1 (replicate, like DDP), or a divisor in between (hybrid shard)"
-        )
     if shard == world:
         return init_device_mesh(info.device.type, (world,), mesh_dim_names=("shard",))
     return init_device_mesh(info.device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))

@@ -9,6 +9,16 @@ from llmtrain.models.heads import IGNORE_INDEX
 from llmtrain.objectives.documents import document_ids
 
 
+def check_mlm_rates(select_rate: float, mask_rate: float, random_rate: float) -> None:
+    if not 0 < select_rate < 1:
+        raise ValueError(f"objective.select_rate={select_rate} must be in (0, 1)")
+    if not (mask_rate >= 0 and random_rate >= 0 and mask_rate + random_rate <= 1):
+        raise ValueError(
+            f"objective.mask_rate={mask_rate} and objective.random_rate={random_rate} must be >= 0 "
+            "and sum to at most 1 (the rest stay unchanged)"
+        )
+
+
 class MaskedLM:
     family = "encoder"
 
@@ -23,13 +33,7 @@ class MaskedLM:
         random_rate: float = 0.1,
         document_eos_id: int | None = None,
     ):
-        if not 0 < select_rate < 1:
-            raise ValueError(f"objective.select_rate={select_rate} must be in (0, 1)")
-        if mask_rate < 0 or random_rate < 0 or mask_rate + random_rate > 1:
-            raise ValueError(
-                f"objective.mask_rate={mask_rate} and objective.random_rate={random_rate} must be >= 0 "
-                "and sum to at most 1 (the rest stay unchanged)"
-            )
+        check_mlm_rates(select_rate, mask_rate, random_rate)
         self.seq_len = self.raw_length = seq_len
         self.target_length = seq_len
         self.vocab_size, self.mask_token_id = vocab_size, mask_token_id

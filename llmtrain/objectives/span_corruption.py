@@ -53,6 +53,13 @@ def _pad_right(x: np.ndarray, n: int, value: int | None = None) -> np.ndarray:
     return out
 
 
+def check_span_settings(noise_density: float, mean_noise_span_length: float) -> None:
+    if not 0 < noise_density < 1:
+        raise ValueError(f"objective.noise_density={noise_density} must be in (0, 1)")
+    if not mean_noise_span_length >= 1:
+        raise ValueError(f"objective.mean_noise_span_length={mean_noise_span_length} must be >= 1")
+
+
 class SpanCorruption:
     family = "encoder_decoder"
 
@@ -68,10 +75,7 @@ class SpanCorruption:
         targets_length: int | None = None,
         document_attention: bool = False,
     ):
-        if not 0 < noise_density < 1:
-            raise ValueError(f"objective.noise_density={noise_density} must be in (0, 1)")
-        if mean_noise_span_length < 1:
-            raise ValueError(f"objective.mean_noise_span_length={mean_noise_span_length} must be >= 1")
+        check_span_settings(noise_density, mean_noise_span_length)
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
         self.seq_len = inputs_length
         self.raw_length, derived_targets = compute_input_and_target_lengths(

@@ -9,7 +9,9 @@ have finished, so a crash mid-save leaves the previous one usable.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import pickle
 import re
@@ -189,6 +191,26 @@ def read_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
     return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
 
 
+class _DropRecordsFrom(logging.Filter):
+    """Drops the log records of the modules under one path: their failure reaches the user as our error."""
+
+    def __init__(self, path_part: str):
+        super().__init__()
+        self.path_part = path_part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.path_part not in record.pathname
+
+
+@contextlib.contextmanager
+def _filtered(logger: logging.Logger, log_filter: logging.Filter):
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load model (and optimizer) state in place, whatever the world size and strategy that saved it.
 
@@ -209,15 +231,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         optimizer.load_state_dict(torch.load(zero1_file, map_location="cpu", weights_only=True))
         optimizer = None  # only the model is left for DCP
     state = _sharded_state(model, optimizer)
-    with warnings.catch_warnings():
+    root = logging.getLogger()  # DCP logs a failed metadata read there, traceback included, before it raises
+    quiet = _DropRecordsFrom(f"{os.sep}distributed{os.sep}checkpoint{os.sep}")
+    with warnings.catch_warnings(), _filtered(root, quiet):
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
             dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
         except (Exception, CheckpointException) as err:  # DCP wraps each rank's failure: keep the reason
             reasons = [line for line in str(err).splitlines() if "checkpoint " in line or "Error" in line]
-            raise ValueError(
-                f"checkpoint {path} could not be loaded: {(reasons or [str(err)])[-1][:400]}"
-            ) from None
+            reason = (reasons or [str(err)])[-1]
+            if "Weights only load failed" in reason:  # not torch's advice to retry with weights_only=False
+                reason = "a file is damaged or holds what a checkpoint does not (refused by the weights-only loader)"
+            raise ValueError(f"checkpoint {path} could not be loaded: {reason[:400]}") from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

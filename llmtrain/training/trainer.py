@@ -250,6 +250,7 @@ class Trainer:
 
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         resolved_config = resolved_config or dataclasses.asdict(cfg)
+        resumed = self._resume()  # refuses a run directory it cannot continue before writing into it
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
@@ -258,7 +259,6 @@ class Trainer:
             if source.is_file() and (not kept.exists() or not kept.samefile(source)):
                 shutil.copyfile(source, kept)
         barrier()
-        resumed = self._resume()
         self.metrics = (
             MetricsLog(cfg, self.run_dir, resolved_config, append=resumed) if self.dist.is_main else None
         )
@@ -486,6 +486,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "loader": self.batches.state_dict()["loader"],  # after the last batch consumed, not prefetched
             "model_config": dataclasses.asdict(self.cfg.model),
+            "tokenizer": self.corpus.tokenizer.digest(),  # the ids the weights learned
             "world_size": self.dist.world_size,
         }
 
@@ -511,19 +512,38 @@ class Trainer:
         return path
 
     def _resume(self) -> bool:
-        path = latest_checkpoint(self.run_dir) if self.cfg.trainer.resume == "auto" else None
+        path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
+        if self.cfg.trainer.resume == "never":
+            raise ConfigError(
+                f"trainer.resume=never, but run directory {self.run_dir} already holds checkpoints (newest "
+                f"{path.name}), which a new run there would mix with; choose another run_name, or remove the "
+                "directory to start again"
+            )
         for skipped in incomplete_checkpoints(self.run_dir):
             self.log("skipping incomplete checkpoint %s (a save that did not finish)", skipped)
-        state = read_train_state(path)
+        try:
+            state = read_train_state(path)
+        except Exception as err:  # a truncated or foreign train_state.pt
+            raise ConfigError(
+                f"cannot read {path / 'train_state.pt'} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                f"remove {path} to resume from an earlier checkpoint, or choose another run_name"
+            ) from None
         saved, current = state["model_config"], dataclasses.asdict(self.cfg.model)
         changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if changed:
             raise ConfigError(
                 f"run directory {self.run_dir} holds a checkpoint of another model ("
                 + ", ".join(f"model.{k}: {a} there, {b} now" for k, (a, b) in changed.items())
-                + "); choose another run_name or set trainer.resume=never"
+                + "); choose another run_name, or remove the directory to start again"
+            )
+        tokenizer = self.corpus.tokenizer.digest()
+        if state.get("tokenizer", tokenizer) != tokenizer:  # checkpoints from before the digest: not checked
+            raise ConfigError(
+                f"run directory {self.run_dir} holds a checkpoint trained with another tokenizer than the data's "
+                f"now ({self.corpus.tokenizer_path}): its token ids would mean other tokens; resume on data made "
+                f"with {self.run_dir / 'tokenizer.json'} (data.tokenizer.path), or choose another run_name"
             )
         try:
             load_checkpoint(path, self.model, self.optimizer)

@@ -378,7 +378,7 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_tampered_or_truncated_checkpoint_is_refused_clearly(tiny_config, tmp_path):
+def test_tampered_or_truncated_checkpoint_is_refused_clearly(tiny_config, tmp_path, caplog):
     import pickle
     import shutil
 
@@ -389,14 +389,30 @@ def test_tampered_or_truncated_checkpoint_is_refused_clearly(tiny_config, tmp_pa
 
     tampered = shutil.copytree(good, tmp_path / "tampered")
     (tampered / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(
-        ValueError, match=r"could not be loaded: .*\.metadata is damaged or not a checkpoint's"
+    caplog.clear()
+    with (
+        caplog.at_level("WARNING"),
+        pytest.raises(
+            ValueError, match=r"could not be loaded: .*\.metadata is damaged or not a checkpoint's"
+        ),
     ):
         load_checkpoint(tampered, trainer.model, trainer.optimizer)
     assert not marker.exists()
+    # DCP's own warnings with their tracebacks are not shown beside the error
+    shown = [r.getMessage() for r in caplog.records if r.name == "root" and "checkpoint" in r.pathname]
+    assert shown == [], shown
 
     truncated = shutil.copytree(good, tmp_path / "truncated")
     data = next(truncated.glob("*.distcp"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     with pytest.raises(ValueError, match=f"checkpoint {truncated} could not be loaded"):
         load_checkpoint(truncated, trainer.model, trainer.optimizer)
+
+    flipped = shutil.copytree(good, tmp_path / "flipped")  # a damaged tensor file: torch's own advice is
+    data = next(flipped.glob("*.distcp"))  # to load it with weights_only=False, which is never safe here
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0xFF  # the first byte of the first stored object
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"checkpoint {flipped} could not be loaded") as refused:
+        load_checkpoint(flipped, trainer.model, trainer.optimizer)
+    assert "weights_only" not in str(refused.value), refused.value

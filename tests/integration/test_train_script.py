@@ -129,3 +129,19 @@ def test_wandb_offline_writes_run_files(corpus_file, cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "decoder-test" / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_a_diverging_run_stops_with_one_error_line(corpus_file, cache_dir, tmp_path):
+    """The non-finite guard's stop is the run's outcome, not a crash: an `error:` line naming the step."""
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path) + [
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "trainer.max_steps=6",
+        "trainer.log_interval=1",
+        "trainer.sample_tokens=0",
+    ]
+    proc = run_train(*overrides)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "non-finite loss or gradient norm at step" in lines[0], proc.stderr[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -93,10 +94,83 @@ def test_partial_checkpoint_is_ignored(tiny_config):
     assert latest_checkpoint(trainer.run_dir).name == "step-0000002"
 
 
-def test_resume_refuses_another_model(tiny_config):
-    Trainer(tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0", "run_name=same")).fit()
-    with pytest.raises(ConfigError, match="model.d_model"):
-        Trainer(tiny_config("decoder", "model.d_model=64", "run_name=same"))
+def run_files(run_dir) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in run_dir.iterdir() if f.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        ("model.d_model=64", "model.d_model: 32 there, 64 now"),
+        ("data.tokenizer.train_bytes=3000", "another tokenizer"),  # same vocabulary size, other merges
+        ("trainer.resume=never", "already holds checkpoints (newest step-0000002)"),
+    ],
+)
+def test_resume_refuses_a_run_it_cannot_continue_and_writes_nothing(tiny_config, changed, named):
+    """Another model, another tokenizer of the same size (its ids would mean other tokens), or a new run
+    over old checkpoints: refused before config.json, tokenizer.json or metrics are touched."""
+    first = Trainer(tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0", "run_name=same"))
+    first.fit()
+    before = run_files(first.run_dir)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        Trainer(tiny_config("decoder", changed, "run_name=same"))
+    assert run_files(first.run_dir) == before
+    resumed = Trainer(tiny_config("decoder", "trainer.max_steps=4", "run_name=same"))  # the same settings do
+    assert resumed.step == 2
+
+
+def test_an_unreadable_train_state_is_refused_naming_the_file(tiny_config):
+    trainer = Trainer(
+        tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0", "run_name=cut")
+    )
+    trainer.fit()
+    state = latest_checkpoint(trainer.run_dir) / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"cannot read {state}"):
+        Trainer(tiny_config("decoder", "trainer.max_steps=4", "run_name=cut"))
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("objective.noise_density=0", "objective.noise_density=0"),
+        ("optim.lr=inf", "optim.lr=inf"),
+        ("optim.beta1=1.5", "optim.beta1=1.5"),
+        ("optim.eps=-1", "optim.eps=-1"),
+        ("optim.weight_decay=-1", "optim.weight_decay=-1"),
+        ("trainer.num_threads=-2", "trainer.num_threads=-2"),
+        ("trainer.eval_interval=-1", "trainer.eval_interval=-1"),
+        ("trainer.checkpoint_interval=-1", "trainer.checkpoint_interval=-1"),
+        ("trainer.prefetch=-1", "trainer.prefetch=-1"),
+        ("trainer.time_limit_minutes=-1", "trainer.time_limit_minutes=-1"),
+        ("trainer.max_flops=-1", "trainer.max_flops=-1"),
+        ("data.max_bytes=0", "data.max_bytes=0"),
+        ("run_name=..", "run_name='..'"),
+        ("parallel.strategy=fsdp", "parallel.shard_size=3 must divide the world size 1"),
+    ],
+)
+def test_settings_out_of_range_are_refused_by_validate(tiny_config, override, named):
+    model = "encoder_decoder" if "noise" in override else "decoder"
+    extra = ["parallel.shard_size=3"] if "fsdp" in override else []
+    cfg = tiny_config(model, *extra, override)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        validate(cfg)
+
+
+def test_mlm_rates_are_refused_by_validate(tiny_config):
+    with pytest.raises(ConfigError, match=re.escape("objective.select_rate=1.5")):
+        validate(tiny_config("encoder", "objective.select_rate=1.5"))
+
+
+def test_a_file_where_a_directory_belongs_is_refused(tiny_config, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for override, named in (
+        (f"output_dir={blocker}", "output_dir"),
+        (f"data.cache_dir={blocker}", "data.cache_dir"),
+    ):
+        with pytest.raises(ConfigError, match=f"{named}: {blocker} is a file"):
+            validate(tiny_config("decoder", override))
 
 
 def test_vocab_smaller_than_tokenizer_is_refused(tiny_config):
