@@ -131,7 +131,8 @@ class TrainerConfig:
     checkpoint_interval: int = 0
     """Also save every N steps (0: only at the end)."""
     resume: str = "auto"
-    """auto: continue from the newest complete checkpoint of the run directory | never."""
+    """auto: continue from the newest complete checkpoint of the run directory | never: a new run, refused
+    where the run directory already holds checkpoints (it would mix with them)."""
     keep_last_k: int = 3
     """Complete checkpoints kept in the run directory (at least 2; the newest is never deleted)."""
     time_limit_minutes: float = 0.0

@@ -569,7 +569,7 @@ class Trainer:
         if self.step >= self.cfg.trainer.max_steps:
             log.warning(
                 "run directory %s already holds a finished run (step %d); choose another run_name, raise "
-                "trainer.max_steps, or set trainer.resume=never to start again",
+                "trainer.max_steps, or remove the directory to start again",
                 self.run_dir,
                 self.step,
             )
