@@ -45,10 +45,16 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block separately: blocks are identical, so one compiled graph serves them all."""
+    """Compile each block separately: blocks are identical, so one compiled graph serves them all. On CUDA
+    the loss's passes over the logits are compiled too (on the CPU its cache-sized eager chunks stay)."""
     for layers in block_lists(model):
         for i, block in enumerate(layers):
             layers[i] = torch.compile(block, fullgraph=False)
+    # not the MLM head: its rows (the selected positions) change in number every step (H100: BERT-base
+    # 35.7 ms a step with the eager chunks, 42.5 ms compiled)
+    family = getattr(getattr(model, "cfg", None), "family", None)
+    if family in ("decoder", "encoder_decoder") and next(model.parameters()).device.type == "cuda":
+        model.compiled_loss = True
 
 
 def fsdp_mesh(info: DistInfo, shard_size: int) -> DeviceMesh:

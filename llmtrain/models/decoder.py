@@ -34,7 +34,7 @@ class DecoderLM(LanguageModel):
         logits = self.head(h)  # (B, T, V)
         if labels is None:
             return ModelOutput(logits)
-        loss, n = lm_loss(logits, labels)
+        loss, n = lm_loss(logits, labels, self.compiled_loss)
         return ModelOutput(logits, loss, n)
 
     def new_cache(self) -> KVCache:

@@ -42,5 +42,5 @@ class EncoderMLM(LanguageModel):
         if label_positions is None:
             label_positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         logits = self.head(h.reshape(-1, h.shape[-1]).index_select(0, label_positions))  # (N, V)
-        loss, n = lm_loss(logits, labels.index_select(0, label_positions))
+        loss, n = lm_loss(logits, labels.index_select(0, label_positions), self.compiled_loss)
         return ModelOutput(logits, loss, n)

@@ -107,5 +107,5 @@ class EncoderDecoderLM(LanguageModel):
         )
         if labels is None:
             return ModelOutput(logits)
-        loss, n = lm_loss(logits, labels)
+        loss, n = lm_loss(logits, labels, self.compiled_loss)
         return ModelOutput(logits, loss, n)

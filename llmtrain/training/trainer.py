@@ -231,9 +231,15 @@ class Trainer:
         self.forward_model = parallelize(self.model, cfg.parallel, self.dist, self.precision)
         # FSDP casts parameters itself (MixedPrecisionPolicy); otherwise autocast does
         self.use_autocast = self.precision != "fp32" and cfg.parallel.strategy != "fsdp"
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, zero1=cfg.parallel.zero1)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.scaler = self._make_scaler()
+        self.optimizer = build_optimizer(
+            self.model,
+            cfg.optim,
+            self.device.type,
+            zero1=cfg.parallel.zero1,
+            fused=not (self.scaler is not None and cfg.parallel.strategy == "fsdp"),
+        )
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.step, self.tokens_seen = 0, 0
         self.grad_bytes: int | None = None
         self._peak_flops: float | None = None

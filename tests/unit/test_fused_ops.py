@@ -204,7 +204,8 @@ def test_a_block_compiles_to_one_graph(overrides, precision):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_ignored_rows_do_not_reach_the_loss_even_when_not_finite():
+@pytest.mark.parametrize("compiled", [False, True], ids=["chunked", "compiled"])
+def test_ignored_rows_do_not_reach_the_loss_even_when_not_finite(compiled):
     """F.cross_entropy's value skips ignore_index rows; so does the chunked loss, and its gradient there is 0
     (the built-in's log-softmax backward gives NaN on a row of -inf). fp16 logits can overflow at padding."""
     from llmtrain.models.heads import IGNORE_INDEX, lm_loss
@@ -214,7 +215,7 @@ def test_ignored_rows_do_not_reach_the_loss_even_when_not_finite():
     logits[2, 3] = float("nan")
     labels = torch.tensor([2, IGNORE_INDEX, IGNORE_INDEX, 7])
     ours = logits.clone().requires_grad_()
-    loss, n = lm_loss(ours, labels)
+    loss, n = lm_loss(ours, labels, compiled)
     loss.backward()
     builtin = logits.clone().requires_grad_()
     expected = F.cross_entropy(builtin, labels, ignore_index=IGNORE_INDEX)
@@ -273,3 +274,30 @@ def test_fused_linear_with_frozen_weights_gives_only_the_input_gradient():
     expected = sum(linear.weight.sum(0) for linear in linears).expand(3, 6)
     torch.testing.assert_close(x.grad, expected)
     assert all(p.grad is None for linear in linears for p in linear.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_loss_equals_the_chunked_one_and_the_builtin(dtype):
+    """parallel.compile on CUDA computes the loss's two passes with generated kernels (one read of the
+    logits each way): the same value and gradient as the eager chunks and as F.cross_entropy in fp32."""
+    from llmtrain.models.heads import IGNORE_INDEX, lm_loss
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(37, 101)).to(dtype)
+    labels = torch.randint(0, 101, (37,))
+    labels[::5] = IGNORE_INDEX
+    results = []
+    for compiled in (False, True):
+        x = logits.clone().requires_grad_()
+        loss, n = lm_loss(x, labels, compiled)
+        (2 * loss).backward()  # an incoming gradient other than 1
+        results.append((loss, x.grad))
+        assert x.grad.dtype == dtype and n.item() == (labels != IGNORE_INDEX).sum()
+    reference = logits.float().requires_grad_()
+    (2 * F.cross_entropy(reference, labels, ignore_index=IGNORE_INDEX)).backward()
+    (chunked, chunked_grad), (fused, fused_grad) = results
+    torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-4}
+    torch.testing.assert_close(fused_grad.float(), chunked_grad.float(), **tol)
+    torch.testing.assert_close(fused_grad.float(), reference.grad, **tol)
