@@ -6,8 +6,9 @@ tokens; span corruption: on the targets), at each precision asked for, as one JS
     python scripts/evaluate.py runs/decoder-stdlib --precision fp32 bf16 int8 --out eval.json
 
 The source is a run directory (its newest checkpoint), a step-XXXXXXX folder or an exported folder. The data
-is the run's own validation split unless --data NAME (configs/data/NAME.yaml) and --set data.KEY=VALUE
-change it; the model's own tokenizer is always used. Each precision reports its weight bytes.
+is the run's own validation split, read as training reads it (data.shards and data.mixture included), unless
+--data NAME (configs/data/NAME.yaml) and --set data.KEY=VALUE change it; the model's own tokenizer is always
+used. Each precision reports its weight bytes.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from llmtrain.config import ConfigError, TrainConfig, to_dataclass, validate_lengths
-from llmtrain.data import DataError, prepare_corpus
-from llmtrain.inference.evaluate import evaluate_model
-from llmtrain.inference.loading import CheckpointError, load_trained_model
+from llmtrain.data import DataError
+from llmtrain.data.mixture import build_loaders, load_corpus
+from llmtrain.inference.cli import device, number, output_file
+from llmtrain.inference.evaluate import evaluate_loader
+from llmtrain.inference.loading import CheckpointError, load_trained_model, model_tokenizer
 from llmtrain.inference.quantize import PRECISIONS, weight_bytes, with_precision
 from llmtrain.objectives import OBJECTIVE_FAMILY
 from llmtrain.training.trainer import build_objective
@@ -45,9 +49,16 @@ def run_config(source: Path, data: str | None, settings: list[str]) -> tuple[Tra
         if not path.is_file():
             allowed = ", ".join(sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml")))
             raise ConfigError(f"--data {data}: no {path}; allowed: {allowed}")
+        cfg.data.shards, cfg.data.mixture = None, []  # the run's prepared data gives way to NAME's
         cfg.data = OmegaConf.merge(cfg.data, OmegaConf.load(path))
         cfg.data.seq_len = seq_len  # the model's sequence length, unless --set changes it
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(settings))
+    for setting in settings:  # one at a time, so an error names the setting
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([setting]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(
+                f"--set {setting}: {str(err).splitlines()[0]} (expected data.KEY=VALUE)"
+            ) from None
     return to_dataclass(cfg), bool(saved)
 
 
@@ -58,17 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.paths=[a.jsonl]")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the run, if found)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", help="also write the JSON result here")
+    parser.add_argument("--batches", type=number(int, minimum=1), default=20)
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=8)
+    parser.add_argument("--device", type=device, default="cpu")
+    parser.add_argument("--out", type=output_file, help="also write the JSON result here")
     args = parser.parse_args(argv)
     try:
         source = Path(args.source)
         loaded = load_trained_model(source, args.device)
-        tokenizer = args.tokenizer or loaded.tokenizer_path
-        if tokenizer is None:
-            raise FileNotFoundError(f"no tokenizer.json found beside {loaded.source}; pass --tokenizer PATH")
+        tokenizer, _ = model_tokenizer(loaded, args.tokenizer)
         cfg, from_run = run_config(loaded.source, args.data, args.set)
         cfg.data.tokenizer.path = str(tokenizer)
         cfg.model = loaded.cfg
@@ -78,10 +87,18 @@ def main(argv: list[str] | None = None) -> int:
             # an exported folder: the default length, or the model's own where that is shorter
             cfg.data.seq_len = min(cfg.data.seq_len, loaded.cfg.max_seq_len)
         validate_lengths(cfg)  # e.g. a data.seq_len beyond the model's position table
-        corpus = prepare_corpus(cfg.data)
+        # the corpus as the trainer reads it: data.shards, data.mixture (its loaders below), or tokenised here
+        corpus = load_corpus(cfg.data)
         objective = build_objective(cfg, corpus.tokenizer)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        loaders = build_loaders(cfg.data, objective.raw_length, args.batch_size, cfg.seed, corpus=corpus)
+    except DataError as err:  # e.g. a validation split shorter than one batch of windows
+        print(
+            f"error: {err} (--batch-size {args.batch_size}, data.seq_len={cfg.data.seq_len})", file=sys.stderr
+        )
         return 2
 
     result = {
@@ -98,16 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precision:
         model = load_trained_model(loaded.source, args.device).model if precision != "fp32" else loaded.model
         model = with_precision(model, precision)
-        try:
-            metrics = evaluate_model(
-                model, objective, corpus.val, token_bytes, args.batch_size, args.batches, cfg.seed
-            )
-        except DataError as err:  # e.g. a validation split shorter than one batch of windows
-            print(
-                f"error: {err} (--batch-size {args.batch_size}, data.seq_len={cfg.data.seq_len})",
-                file=sys.stderr,
-            )
-            return 2
+        metrics = evaluate_loader(model, objective, loaders.val_loader, token_bytes, args.batches, cfg.seed)
         result["results"][precision] = {**metrics, "weight_bytes": weight_bytes(model)}
         print(
             f"{precision:>5}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "
@@ -117,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1, default=str)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        partial = args.out.with_name(f".{args.out.name}.partial")  # a failed write leaves no half file
+        partial.write_text(text + "\n")
+        partial.replace(args.out)
     return 0
 
 

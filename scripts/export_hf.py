@@ -5,7 +5,8 @@
 The source is a run directory (its newest checkpoint), a step-XXXXXXX folder, or another exported folder.
 The model must be one a Hugging Face class represents (the gpt2, llama, bert and t5 presets, and the default
 decoder, which is a tied-head LLaMA); anything else is refused with the nearest preset. --verify loads the
-folder with Transformers and compares its logits with llmtrain's.
+folder with Transformers and compares its logits with llmtrain's. The destination must be new, empty, or an
+earlier export, which is replaced only once the new folder is complete (a failure leaves it as it was).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llmtrain.inference.export import export_hf
-from llmtrain.inference.loading import CheckpointError, load_trained_model
+from llmtrain.inference.loading import CheckpointError, load_trained_model, model_tokenizer
 from llmtrain.models import ModelConfigError
 from llmtrain.models.hf import HF_CLASSES, hf_architecture
 
@@ -43,7 +44,10 @@ def verify(folder: Path, model: torch.nn.Module) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="run directory, step-XXXXXXX folder, or exported folder")
-    parser.add_argument("out", help="folder to write (created)")
+    parser.add_argument(
+        "out",
+        help="folder to write: new, empty, or an earlier export (replaced once the new one is complete)",
+    )
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the run, if found)")
     parser.add_argument(
         "--verify", action="store_true", help="compare logits with Transformers after writing"
@@ -52,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_trained_model(args.source)
         arch = hf_architecture(loaded.cfg)
-        tokenizer = Path(args.tokenizer) if args.tokenizer else loaded.tokenizer_path
-        if tokenizer is None:
-            raise FileNotFoundError(
-                f"no tokenizer.json found beside {loaded.source}; pass --tokenizer PATH (the run's tokenizer lives "
-                "under data.cache_dir/tokenizers/<key>/tokenizer.json)"
-            )
+        tokenizer, _ = model_tokenizer(loaded, args.tokenizer)
         out = export_hf(loaded.model.state_dict(), loaded.cfg, args.out, tokenizer)
     except (ModelConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

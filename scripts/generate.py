@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from llmtrain.data.tokenizer import load_tokenizer
+from llmtrain.inference.cli import device, number
 from llmtrain.inference.generate import fill_mask, fill_spans, sample
-from llmtrain.inference.loading import CheckpointError, load_trained_model
+from llmtrain.inference.loading import CheckpointError, load_trained_model, model_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,24 +28,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="run directory, step-XXXXXXX folder, or exported folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the run, if found)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--max-new-tokens", type=number(int, minimum=1), default=64)
+    parser.add_argument("--temperature", type=number(float, minimum=0), default=0.8, help="0 = greedy")
     parser.add_argument("--greedy", action="store_true", help="same as --temperature 0")
     parser.add_argument(
-        "--top-k", type=int, default=50, help="decoder: sample among the k likeliest; encoder: show k"
+        "--top-k",
+        type=number(int, minimum=0, meaning=" (0 = off)"),
+        default=50,
+        help="decoder: sample among the k likeliest (0 = all); encoder: show k (>= 1)",
     )
-    parser.add_argument("--top-p", type=float, default=None, help="decoder: nucleus sampling mass")
-    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument(
+        "--top-p", type=number(float, above=0, maximum=1), default=None, help="decoder: nucleus sampling mass"
+    )
+    parser.add_argument("--num-samples", type=number(int, minimum=1), default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device, default="cpu")
     args = parser.parse_args(argv)
     try:
         loaded = load_trained_model(args.source, args.device)
-        if args.tokenizer is None and loaded.tokenizer_path is None:
-            raise FileNotFoundError(f"no tokenizer.json found beside {loaded.source}; pass --tokenizer PATH")
-        tok = load_tokenizer(args.tokenizer or loaded.tokenizer_path)
+        _, tok = model_tokenizer(loaded, args.tokenizer)
+        if loaded.cfg.family == "encoder" and args.top_k < 1:
+            raise ValueError(
+                "--top-k 0: an encoder shows the k likeliest tokens per <mask>; allowed: 1 or more"
+            )
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

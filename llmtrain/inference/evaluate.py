@@ -16,7 +16,6 @@ from llmtrain.models import IGNORE_INDEX
 LN2 = math.log(2)
 
 
-@torch.no_grad()
 def evaluate_model(
     model: nn.Module,
     objective,
@@ -26,14 +25,24 @@ def evaluate_model(
     n_batches: int,
     seed: int,
 ) -> dict[str, float]:
-    """Over the first n_batches windows of `tokens` (in order), with the objective's randomness seeded as the
-    trainer's evaluation seeds it (seed + 1), so the figures match the trainer's val_* at equal batches.
+    """Over the first n_batches windows of `tokens` (in order); see evaluate_loader."""
+    loader = WindowLoader(tokens, objective.raw_length, batch_size, seed, shuffle=False, name="validation")
+    return evaluate_loader(model, objective, loader, token_bytes, n_batches, seed)
+
+
+@torch.no_grad()
+def evaluate_loader(
+    model: nn.Module, objective, loader, token_bytes: torch.Tensor, n_batches: int, seed: int
+) -> dict[str, float]:
+    """Over the first n_batches batches of a validation loader (a WindowLoader, or the MixtureLoader of
+    data.mixture), from its start, with the objective's randomness seeded as the trainer's evaluation seeds
+    it (seed + 1), so the figures match the trainer's val_* at equal batches.
 
     bits per byte = summed nats / ln 2 / UTF-8 bytes of the predicted tokens.
     """
     model.eval()
     device = next(model.parameters()).device
-    loader = WindowLoader(tokens, objective.raw_length, batch_size, seed, shuffle=False, name="validation")
+    loader.load_state_dict({"epoch": 0, "windows": 0})  # from the top, as the trainer's evaluation
     n_batches = min(n_batches, loader.batches_per_epoch)
     rng = torch.Generator().manual_seed(seed + 1)
     nats, targets, n_bytes, correct = 0.0, 0, 0, 0

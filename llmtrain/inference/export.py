@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
 
 from llmtrain.data.tokenizer import BOS, EOS, MASK, PAD, UNK, load_tokenizer, sentinel
+from llmtrain.inference.loading import TOKENIZER_FILE, check_tokenizer_fits, is_hf_folder
 from llmtrain.models import ModelConfig
 from llmtrain.models.hf import CONFIG_FILE, WEIGHTS_FILE, hf_architecture, hf_config, to_hf_state_dict
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def tokenizer_config(tokenizer_path: Path, max_seq_len: int) -> dict:
@@ -33,33 +33,85 @@ def tokenizer_config(tokenizer_path: Path, max_seq_len: int) -> dict:
     }
 
 
+class ExportError(ValueError):
+    """An export destination that cannot be used or written; the message names the folder."""
+
+
+EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"}
+
+
+def is_export(folder: Path) -> bool:
+    """A folder written by export_hf: its config and weights, and nothing but the files an export holds."""
+    entries = list(folder.iterdir())
+    return is_hf_folder(folder) and all(e.name in EXPORT_FILES and e.is_file() for e in entries)
+
+
+def check_destination(out: Path) -> bool:
+    """Refuse a destination that is a file, or a non-empty folder other than an earlier export (a training
+    run's folder, say, whose config.json an export would overwrite). True: an earlier export to replace."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; pass a folder to write the export into (it is created)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    if is_export(out):
+        return True
+    raise ExportError(
+        f"{out} exists and is not an earlier export (it holds files other than {', '.join(sorted(EXPORT_FILES))}); "
+        "pass a new or empty folder"
+    )
+
+
+def _write(folder: Path, tensors: dict, cfg: ModelConfig, tokenizer_path, bos: int, eos: int) -> None:
+    from safetensors.torch import save_file
+
+    (folder / CONFIG_FILE).write_text(
+        json.dumps(hf_config(cfg, bos_token_id=bos, eos_token_id=eos), indent=2)
+    )
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILE)
+        config = tokenizer_config(Path(tokenizer_path), cfg.max_seq_len)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        specials = {
+            k: v for k, v in config.items() if k.endswith("_token") or k == "additional_special_tokens"
+        }
+        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+
+
 def export_hf(
     state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, tokenizer_path: str | Path | None
 ) -> Path:
-    """Write the folder; refuses (UnsupportedArchitecture) before writing anything if no HF class fits."""
-    from safetensors.torch import save_file
+    """Write the folder, or replace an earlier export there; refuses (ExportError, UnsupportedArchitecture)
+    before writing anything. The files go into a hidden sibling folder renamed into place once complete, so
+    a failure (a full disk, say) leaves the earlier export or nothing, never a mix."""
+    from safetensors import SafetensorError
 
+    out = Path(out_dir)
+    replacing = check_destination(out)
     hf_architecture(cfg)  # refuse early, naming the nearest preset
     tensors = to_hf_state_dict(state, cfg)
     bos, eos = 1, 2
     if tokenizer_path is not None:
         tok = load_tokenizer(tokenizer_path)
-        if tok.vocab_size > cfg.vocab_size:
-            raise ValueError(
-                f"{tokenizer_path} has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; "
-                "pass the tokenizer the model was trained with"
-            )
+        check_tokenizer_fits(tok, tokenizer_path, cfg.vocab_size)
         bos, eos = tok.bos_id, tok.eos_id
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(hf_config(cfg, bos_token_id=bos, eos_token_id=eos), indent=2))
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
-        config = tokenizer_config(Path(tokenizer_path), cfg.max_seq_len)
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-        specials = {
-            k: v for k, v in config.items() if k.endswith("_token") or k == "additional_special_tokens"
-        }
-        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        partial.mkdir(parents=True)
+        _write(partial, tensors, cfg, tokenizer_path, bos, eos)
+        if replacing:  # the earlier export steps aside, the new one takes its name, then the old one goes
+            old = partial.with_suffix(".old")
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old)
+        else:
+            partial.replace(out)  # over an empty folder too
+    except BaseException as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, (OSError, SafetensorError)):
+            kept = "the earlier export there is unchanged" if replacing else "nothing was written"
+            raise ExportError(
+                f"could not write the export {out} ({type(err).__name__}: {err}); {kept}"
+            ) from None
+        raise
     return out

@@ -165,6 +165,30 @@ def split_spans(target_ids: list[int], sentinel_ids: list[int], eos_token_id: in
     return spans
 
 
+def check_prompt_length(model: nn.Module, n_tokens: int) -> None:
+    """An encoder reads at most its position table (learned or rotary) at once; refuse a longer prompt."""
+    cfg = model.cfg
+    if cfg.position != "relative" and n_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"the prompt is {n_tokens} tokens but the model reads at most model.max_seq_len={cfg.max_seq_len}; "
+            "shorten it"
+        )
+
+
+def check_sentinels(text: str, n_sentinels: int) -> None:
+    """The markers <extra_id_N> of a span-filling prompt must be the tokenizer's, numbered 0, 1, 2, ... as the
+    objective numbers a window's spans: the model fills the k-th span after <extra_id_k>, so another marker's
+    span would silently come back empty (and a marker beyond the tokenizer's is plain text)."""
+    used = [int(n) for n in re.findall(r"<extra_id_(\d+)>", text)]
+    allowed = f"<extra_id_0> to <extra_id_{n_sentinels - 1}>, in order from <extra_id_0>"
+    beyond = [n for n in used if n >= n_sentinels]
+    if beyond:
+        raise ValueError(f"<extra_id_{beyond[0]}> is not a sentinel of this tokenizer; allowed: {allowed}")
+    if used != list(range(len(used))):
+        given = ", ".join(f"<extra_id_{n}>" for n in used)
+        raise ValueError(f"the prompt's sentinels are {given}; allowed: {allowed} (the model fills them so)")
+
+
 @torch.no_grad()
 def fill_spans(model: nn.Module, tokenizer: Tokenizer, text: str, max_new_tokens: int = 64) -> FilledSpans:
     """T5 span filling: text with <extra_id_0>, <extra_id_1>, ... markers in, the filled spans out.
@@ -173,8 +197,10 @@ def fill_spans(model: nn.Module, tokenizer: Tokenizer, text: str, max_new_tokens
     (" brown"), so in training a span starts with it and the text before a sentinel never ends in one.
     """
     device = next(model.parameters()).device
+    check_sentinels(text, len(tokenizer.sentinel_ids))
     text = re.sub(r"\s+(<extra_id_\d+>)", r"\1", text)
     ids = tokenizer.encode(text) + [tokenizer.eos_id]  # the objective's inputs end with EOS too
+    check_prompt_length(model, len(ids))
     sentinels = set(tokenizer.sentinel_ids)
     used = [i for i in ids if i in sentinels]
     if not used:
@@ -189,14 +215,16 @@ def fill_spans(model: nn.Module, tokenizer: Tokenizer, text: str, max_new_tokens
 def fill_mask(
     model: nn.Module, tokenizer: Tokenizer, text: str, top_k: int = 5
 ) -> list[list[tuple[str, float]]]:
-    """For each <mask> in text, the top_k tokens the encoder predicts there with their probabilities."""
+    """For each <mask> in text, the top_k (at most the vocabulary) tokens the encoder predicts there with their
+    probabilities."""
     device = next(model.parameters()).device
     ids = torch.tensor([tokenizer.encode(text)], device=device)
+    check_prompt_length(model, ids.shape[1])
     positions = (ids[0] == tokenizer.mask_id).nonzero().flatten()
     if len(positions) == 0:
         raise ValueError("the text has no <mask> to fill")
     probs = model(ids).logits[0, positions].float().softmax(-1)  # (n_masks, V)
-    best = probs.topk(top_k, dim=-1)
+    best = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     return [
         [(tokenizer.decode([i]), p) for i, p in zip(row_ids.tolist(), row_p.tolist())]
         for row_ids, row_p in zip(best.indices, best.values)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.models.hf import CONFIG_FILE, WEIGHTS_FILE, load_hf_weights, model_config_from_hf
 from llmtrain.training.checkpoint import (
@@ -50,6 +51,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist; pass a run directory, a step-XXXXXXX folder or an exported folder"
+        )
+    if is_hf_folder(path) and latest_checkpoint(path) is not None:
+        raise CheckpointError(
+            f"{path} holds both an exported model ({CONFIG_FILE}, {WEIGHTS_FILE}) and step-XXXXXXX checkpoints, so "
+            "which to load is unclear; pass the step folder, or move the exported files to a folder of their own"
         )
     if is_complete(path) or is_hf_folder(path):
         return path
@@ -102,6 +108,40 @@ def find_tokenizer(checkpoint: Path) -> Path | None:
         if named and Path(named).is_file():
             return Path(named)
     return None
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, path: str | Path, vocab_size: int) -> None:
+    """Refuse a tokenizer with more tokens than the model's vocabulary: its ids would index past the embedding
+    table (an IndexError, or silently other tokens' rows)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"{path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}; "
+            "pass the tokenizer the model was trained with"
+        )
+
+
+def model_tokenizer(loaded: LoadedModel, given: str | Path | None) -> tuple[Path, Tokenizer]:
+    """The tokenizer for a loaded model: `given` (a script's --tokenizer), else the one found beside it;
+    refused, naming the file, when missing, unreadable or larger than the model's vocabulary."""
+    if given is None:
+        if loaded.tokenizer_path is None:
+            raise FileNotFoundError(
+                f"no tokenizer.json found beside {loaded.source}; pass --tokenizer PATH (a run's tokenizer lives "
+                "under data.cache_dir/tokenizers/<key>/tokenizer.json)"
+            )
+        path, flag = Path(loaded.tokenizer_path), "the tokenizer found beside the model"
+    else:
+        path, flag = Path(given), "--tokenizer"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{flag}: {path} does not exist; pass the tokenizer.json the model was trained with"
+        )
+    try:
+        tokenizer = load_tokenizer(path)
+    except ValueError as err:  # its message names data.tokenizer.path, the training setting
+        raise ValueError(f"{flag}: {str(err).removeprefix('data.tokenizer.path: ')}") from None
+    check_tokenizer_fits(tokenizer, path, loaded.cfg.vocab_size)
+    return path, tokenizer
 
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
