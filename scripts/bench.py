@@ -201,7 +201,22 @@ def bench(
     )
 
 
-def main() -> None:
+def at_least(low: int):
+    """An argparse type: an integer >= low (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -213,9 +228,11 @@ def main() -> None:
     parser.add_argument(
         "--parallel", default="single", choices=["single", "ddp", "fsdp"], help="also under torchrun"
     )
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: per shape)")
+    parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps (>= 1)")
+    parser.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first (>= 0)")
+    parser.add_argument(
+        "--batch", type=at_least(1), default=None, help="micro-batch (>= 1; default: per shape)"
+    )
     parser.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in backward"
     )
@@ -224,13 +241,20 @@ def main() -> None:
     )
     parser.add_argument(
         "--document-attention",
-        type=int,
+        type=at_least(0),
         default=0,
         metavar="N",
-        help="documents of N tokens (an EOS every N) with data.document_attention=true",
+        help="documents of N tokens (an EOS every N) with data.document_attention=true (0: off)",
     )
     parser.add_argument("--json", default="bench.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if Path(args.json).is_dir():  # found now, not after the benchmark
+        parser.error(f"argument --json: {args.json} is a folder; give the file to write")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peaks = {

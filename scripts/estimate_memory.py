@@ -58,6 +58,7 @@ def describe(cfg: TrainConfig, opts: MemoryOptions, micro_batch: int) -> str:
 
 
 def report(cfg: TrainConfig, opts: MemoryOptions) -> str:
+    opts.check(cfg)
     model, lengths = model_config_for(cfg), lengths_for(cfg)
     micro_batch = opts.micro_batch or cfg.trainer.micro_batch_size
     usable = opts.usable_bytes()

@@ -9,7 +9,8 @@ A budget gives compute-optimal parameters and tokens two ways (Chinchilla's 20 t
 optimum of its fitted loss), the loss that law predicts, a concrete shape of the configured model family
 near that size, the wall-clock time on plan.devices x plan.device at plan.mfu, and the memory per device of
 that shape under the `memory.*` options (as scripts/estimate_memory.py computes it; the device and the
-data-parallel world size are plan.device and plan.devices).
+data-parallel world size are plan.device and plan.devices). Give either a budget (plan.flops, plan.pf_days or
+plan.hours) or plan.params / plan.tokens to cost, not both: a budget fixes the parameters and tokens itself.
 """
 
 from __future__ import annotations
@@ -118,8 +119,10 @@ def report_model(cfg: TrainConfig, opts: PlanOptions, memory: MemoryOptions) -> 
 
 
 def report(cfg: TrainConfig, opts: PlanOptions, memory: MemoryOptions) -> str:
-    peak = opts.peak_flops()
+    opts.check()
     memory = replace(memory, gpu=opts.device, world_size=opts.devices)
+    memory.check(cfg, world="plan.devices")
+    peak = opts.peak_flops()
     setup = memory.setup(cfg)
     name = opts.device if opts.peak_tflops else accelerator(opts.device).name
     flops = opts.budget(peak)

@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llmtrain.cli import setup_logging
-from llmtrain.config import ConfigError
+from llmtrain.config import ConfigError, DataConfig
 from llmtrain.data.curation import CurationError
 from llmtrain.data.shards import curated_texts, register_prepare_config
 from llmtrain.data.sources import DataError
@@ -73,6 +73,40 @@ def measure(tokenizer, texts: list[str]) -> dict:
     }
 
 
+def check_options(opts: TokenizerTraining) -> None:
+    if opts.kind not in TOKENIZER_KINDS:
+        raise ConfigError(
+            f"tokenizer_training.kind={opts.kind!r} is not allowed; allowed: {', '.join(TOKENIZER_KINDS)}"
+        )
+    if opts.sample_bytes is not None and not opts.sample_bytes > 0:
+        raise ConfigError(
+            f"tokenizer_training.sample_bytes={opts.sample_bytes} must be > 0 (null: data.tokenizer.train_bytes)"
+        )
+    if not opts.heldout_bytes > 0:
+        raise ConfigError(f"tokenizer_training.heldout_bytes={opts.heldout_bytes} must be > 0")
+
+
+def output_path(opts: TokenizerTraining, data: DataConfig) -> Path:
+    """Where the tokenizer goes, checked before training: a file path whose folder can be made."""
+    t = data.tokenizer
+    default = (
+        Path(data.cache_dir) / "tokenizers" / f"{data.name}-{opts.kind}-{t.vocab_size}" / "tokenizer.json"
+    )
+    path = Path(opts.output) if opts.output else default
+    if path.is_dir():
+        raise ConfigError(
+            f"tokenizer_training.output={path} is a folder; give the file to write, e.g. {path / 'tokenizer.json'}"
+        )
+    if path.name == "report.json":
+        raise ConfigError(
+            f"tokenizer_training.output={path}: report.json is written beside it; name it otherwise"
+        )
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"tokenizer_training.output={path}: {blocking} is a file, not a folder")
+    return path
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train_tokenizer")
 def main(cfg: DictConfig) -> None:
     setup_logging()
@@ -80,11 +114,9 @@ def main(cfg: DictConfig) -> None:
         data = train_config(cfg, "prepare", "tokenizer_training").data
         opts: TokenizerTraining = OmegaConf.to_object(cfg.tokenizer_training)
         curation = OmegaConf.to_object(cfg.prepare).curation
-        if opts.kind not in TOKENIZER_KINDS:
-            raise ConfigError(
-                f"tokenizer_training.kind={opts.kind!r} is not allowed; allowed: {', '.join(TOKENIZER_KINDS)}"
-            )
+        check_options(opts)
         t = data.tokenizer
+        path = output_path(opts, data)
         sample = take(curated_texts(data, curation, "train"), opts.sample_bytes or t.train_bytes)
         heldout = take(curated_texts(data, curation, "val"), opts.heldout_bytes)
         if not sample or not heldout:
@@ -99,10 +131,6 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, DataError, CurationError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    path = Path(
-        opts.output
-        or Path(data.cache_dir) / "tokenizers" / f"{data.name}-{opts.kind}-{t.vocab_size}" / "tokenizer.json"
-    )
     tokenizer.save(path)
     heldout_stats = measure(tokenizer, heldout)
     report = {

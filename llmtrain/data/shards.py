@@ -3,6 +3,7 @@
 Layout of a shard set (one directory):
 
     tokenizer.json              the tokenizer the tokens were made with (its digest is in the manifest)
+    tokenizer-settings.json     the data.tokenizer.* settings that chose it: a restart must ask for the same
     train-00000.bin  .idx       tokens (uint16 when the vocabulary fits, else uint32), each document followed by
     val-00000.bin    .idx       EOS; .idx holds each document's end offset (uint64), so boundaries are known
     chunk-00000.json            a finished chunk: its files, counts and report (written after its shards)
@@ -27,6 +28,7 @@ Three passes, each restartable; memory does not grow with the corpus:
 
 A restarted run skips staged chunks while reading the stream again (and the stream altogether once dedup.json
 exists), then finishes the chunks without chunk-k.json. The output does not depend on the number of workers.
+A run that fails before any chunk is staged (bad input) removes the folder it created.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 import zlib
@@ -65,7 +68,7 @@ from llmtrain.data.curation import (
     sorted_run,
 )
 from llmtrain.data.loader import Corpus
-from llmtrain.data.sources import DataError, fingerprint, is_validation, iter_documents
+from llmtrain.data.sources import DataError, fingerprint, is_validation, iter_documents, resolve_paths
 from llmtrain.data.tokenizer import Tokenizer, atomic_write_text, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -593,13 +596,49 @@ def _sample(texts: Iterator[str], budget: int) -> Iterator[str]:
             return
 
 
+TOKENIZER_REQUEST = "tokenizer-settings.json"
+
+
+def tokenizer_request(data: DataConfig, prep: PrepareConfig) -> dict:
+    """The settings that choose the shard set's tokenizer, by setting name: a given file, or what a trained
+    BPE depends on (beyond the source and curation, which the settings key holds)."""
+    t = data.tokenizer
+    if t.path:
+        return {"data.tokenizer.path": str(t.path)}
+    return {"data.tokenizer.path": None, "data.tokenizer.vocab_size": t.vocab_size,
+            "data.tokenizer.min_frequency": t.min_frequency, "data.tokenizer.n_sentinels": t.n_sentinels,
+            "prepare.tokenizer_sample_bytes (else data.tokenizer.train_bytes)":
+                prep.tokenizer_sample_bytes or t.train_bytes}  # fmt: skip
+
+
+def _check_tokenizer_request(folder: Path, request: dict) -> None:
+    """The folder's own tokenizer is reused only for the settings it was made with (TOKENIZER_REQUEST)."""
+    own, record = folder / "tokenizer.json", folder / TOKENIZER_REQUEST
+    other = f"another prepare.output_dir, or delete {folder}"
+    if not record.is_file():  # made before the settings were recorded
+        raise DataError(
+            f"{own} does not record the data.tokenizer.* settings it was made with; to keep it set "
+            f"data.tokenizer.path={own}; else use {other}"
+        )
+    reuse = f"use the same settings (or data.tokenizer.path={own}), {other}"
+    made = json.loads(record.read_text())
+    keys = [k for k in {**made, **request} if request.get(k) != made.get(k)]
+    if "data.tokenizer.path" in keys:  # a given file against a trained BPE: the other settings do not apply
+        keys = ["data.tokenizer.path"]
+    changed = [f"{k}={request.get(k)} (made with {made.get(k)})" for k in keys]
+    if changed:
+        raise DataError(f"{folder} holds a tokenizer made with other settings: {', '.join(changed)}; {reuse}")
+
+
 def shard_tokenizer(data: DataConfig, prep: PrepareConfig, folder: Path) -> Tokenizer:
-    """data.tokenizer.path, or the folder's own tokenizer.json (a restart), or a byte-level BPE trained on a
-    sample of the curated training documents."""
+    """data.tokenizer.path, or the folder's own tokenizer.json (a restart with the data.tokenizer.* settings it
+    was made with), or a byte-level BPE trained on a sample of the curated training documents."""
     own = folder / "tokenizer.json"
+    request = tokenizer_request(data, prep)
     if data.tokenizer.path:
         tokenizer = load_tokenizer(data.tokenizer.path)
     elif own.is_file():
+        _check_tokenizer_request(folder, request)
         return load_tokenizer(own)
     else:
         t = data.tokenizer
@@ -617,6 +656,7 @@ def shard_tokenizer(data: DataConfig, prep: PrepareConfig, folder: Path) -> Toke
                 f"than data.tokenizer.path={data.tokenizer.path} ({tokenizer.digest()}); use another "
                 "prepare.output_dir or delete it"
             )
+        atomic_write_text(folder / TOKENIZER_REQUEST, json.dumps(request, indent=1))  # first: see the check
         tokenizer.save(own)
     return tokenizer
 
@@ -624,8 +664,27 @@ def shard_tokenizer(data: DataConfig, prep: PrepareConfig, folder: Path) -> Toke
 def prepare_shards(data: DataConfig, prep: PrepareConfig) -> dict:
     """Run the whole pipeline into output_dir(data, prep) and return the manifest (reused when complete)."""
     check_prepare_config(prep)
+    if data.source == "files":
+        resolve_paths(data.paths)  # missing, empty or unknown files: named before anything is made
     folder = output_dir(data, prep)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"prepare.output_dir: {folder} is a file; give a folder (made if missing)")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare(data, prep, folder)
+    except BaseException:
+        # bad input found before any chunk was staged: leave no folder behind that looks like a started set
+        if created and not any(folder.glob("stage-*.json")) and not any(folder.glob("chunk-*.json")):
+            shutil.rmtree(folder, ignore_errors=True)
+            for parent in created[1:]:
+                if any(parent.iterdir()):
+                    break
+                parent.rmdir()
+        raise
+
+
+def _prepare(data: DataConfig, prep: PrepareConfig, folder: Path) -> dict:
     tokenizer = shard_tokenizer(data, prep, folder)
     dtype = token_dtype(tokenizer.vocab_size, prep.dtype)
     settings = settings_key(data, prep, tokenizer)

@@ -14,6 +14,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from llmtrain.config import DataConfig
@@ -36,10 +37,17 @@ def resolve_paths(patterns: list[str]) -> list[Path]:
     """Expand globs; every pattern must match an existing, non-empty file with a known extension."""
     files: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))]
         if not matches:
             raise DataError(f"data.paths: {pattern!r} matches no file")
-        for match in map(Path, matches):
+        folders = [m for m in matches if m.is_dir()]  # a glob may also match folders: their files count
+        if len(folders) == len(matches):
+            what = f"{folders[0]} is a folder" if len(folders) == 1 else f"{pattern!r} matches only folders"
+            raise DataError(
+                f"data.paths: {what}; give files ({', '.join(BUILDERS)}) or a glob of them, such as "
+                f"'{folders[0] / '*.jsonl'}'"
+            )
+        for match in (m for m in matches if not m.is_dir()):
             if match.suffix not in BUILDERS:
                 raise DataError(
                     f"data.paths: {match} has extension {match.suffix!r}; allowed: {', '.join(BUILDERS)}"
@@ -143,23 +151,36 @@ def _read_dataset(cfg: DataConfig) -> Iterator[str]:
             raise DataError(f"data.paths mixes file kinds {sorted(builders)}; use one kind per data config")
         builder = builders.pop()
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        dataset = load_dataset(
-            builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
-        )
         where = f"data.paths ({', '.join(map(str, files))})"
+        load = partial(
+            load_dataset, builder, data_files=[str(p) for p in files], split="train", streaming=True, **kwargs
+        )
     else:
-        dataset = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=True)
         where = f"data.hub_name={cfg.hub_name}"
-    records = iter(dataset)
+        load = partial(load_dataset, cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=True)
+
+    def unreadable(err: Exception) -> DataError:
+        """pyarrow / json / network errors of corrupt files or an unknown or unreachable hub dataset: name
+        the data (the file that fails, among several), not the parser."""
+        bad = _unreadable(builder, files, kwargs) if cfg.source == "files" and len(files) > 1 else None
+        culprit = f"data.paths: {bad}" if bad else where
+        hint = (
+            " (check the name, data.hub_config, data.hub_split, the network)" if cfg.source == "hub" else ""
+        )
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        return DataError(f"{culprit}: could not be read{hint}: {first_line}")
+
+    try:
+        records = iter(load())
+    except Exception as err:
+        raise unreadable(err) from err
     while True:
         try:
             record = next(records)
         except StopIteration:
             return
-        except Exception as err:  # pyarrow / json errors of a corrupt file: name the data, not the parser
-            bad = _unreadable(builder, files, kwargs) if cfg.source == "files" and len(files) > 1 else None
-            culprit = f"data.paths: {bad}" if bad else where
-            raise DataError(f"{culprit}: could not be read: {str(err).splitlines()[0][:300]}") from err
+        except Exception as err:
+            raise unreadable(err) from err
         if cfg.text_field not in record:
             raise DataError(
                 f"{where}: no column {cfg.text_field!r} (data.text_field); columns: {sorted(record)}"

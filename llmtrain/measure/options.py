@@ -8,7 +8,8 @@ composition, as in training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -23,7 +24,7 @@ from llmtrain.config import (
     validate,
 )
 from llmtrain.measure.hardware import GIB, accelerator
-from llmtrain.measure.memory import Setup
+from llmtrain.measure.memory import PRECISIONS, STRATEGIES, Setup
 from llmtrain.measure.planning import device_budget, device_peak_flops, from_pf_days
 
 
@@ -68,10 +69,42 @@ class MemoryOptions:
             grad_accum_steps=cfg.trainer.grad_accum_steps,
         )
 
-    def usable_bytes(self) -> float:
-        gib = self.gpu_memory_gib or accelerator(self.gpu).memory_gib
+    def check(self, cfg: TrainConfig, world: str = "memory.world_size") -> None:
+        """Every option in its range, named; `world`: the setting the world size came from (plan.devices in
+        scripts/plan.py). parallel.shard_size is checked here, against that world size, not this process's."""
+        if self.gpu_memory_gib is not None:
+            _positive(
+                "memory.gpu_memory_gib", self.gpu_memory_gib, " (null: the table's size for memory.gpu)"
+            )
         if not 0 < self.usable_fraction <= 1:
             raise ValueError(f"memory.usable_fraction={self.usable_fraction} must be in (0, 1]")
+        _whole(world, self.world_size, "(data-parallel devices)")
+        if self.micro_batch is not None:
+            _whole("memory.micro_batch", self.micro_batch, "(null: trainer.micro_batch_size)")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(
+                f"memory.precision={self.precision!r} is unknown; allowed: {', '.join(PRECISIONS)}"
+            )
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"memory.strategy={self.strategy!r} is unknown; allowed: {', '.join(STRATEGIES)}"
+            )
+        if self.shard_size is not None:
+            _whole("memory.shard_size", self.shard_size, "(null: parallel.shard_size)")
+            name, shard = "memory.shard_size", self.shard_size
+        else:  # parallel.shard_size >= 0 was checked by validate; 0 is the world size
+            name, shard = (
+                "parallel.shard_size",
+                cfg.parallel.shard_size if cfg.parallel.strategy == "fsdp" else 0,
+            )
+        if shard and self.world_size % shard:
+            raise ValueError(
+                f"{name}={shard} must divide {world}={self.world_size} (it is the number of devices one model "
+                "copy is sharded over)"
+            )
+
+    def usable_bytes(self) -> float:
+        gib = self.gpu_memory_gib or accelerator(self.gpu).memory_gib
         return gib * GIB * self.usable_fraction
 
 
@@ -108,11 +141,30 @@ class PlanOptions:
     mfu: float = 0.4
     """Model FLOPs utilisation expected (published: ~0.35-0.5 for well-tuned dense training)."""
     params: float | None = None
-    """Reverse: a parameter count to cost (default: the configured model's)."""
+    """Reverse, without a budget: a parameter count to cost (default: the configured model's)."""
     tokens: float | None = None
-    """Reverse: tokens to train on; without a budget, costs the configured model on this many tokens."""
+    """Reverse, without a budget: tokens to train on (default: 20 per parameter). A budget fixes the parameters
+    and tokens itself, so one given with params or tokens is refused."""
     aspect_ratio: float = 128.0
     """d_model / n_layers wanted for the model shape found for a budget."""
+
+    def check(self) -> None:
+        """Every option in its range, named; a budget together with plan.params or plan.tokens is refused
+        (the budget alone fixes both)."""
+        _whole("plan.devices", self.devices, "(data-parallel devices)")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"plan.mfu={self.mfu} must be in (0, 1] (a fraction of the peak: 0.4 is 40%)")
+        for name in ("peak_tflops", "params", "tokens", "aspect_ratio"):
+            if getattr(self, name) is not None:
+                _positive(f"plan.{name}", getattr(self, name))
+        budget = [f"plan.{k}" for k in ("flops", "pf_days", "hours") if getattr(self, k) is not None]
+        sizes = [f"plan.{k}" for k in ("params", "tokens") if getattr(self, k) is not None]
+        if budget and sizes:
+            raise ValueError(
+                f"{' and '.join(budget + sizes)} over-determine the plan: a budget gives the compute-optimal "
+                "parameters and tokens; give either a budget (plan.flops, plan.pf_days or plan.hours) or "
+                "plan.params / plan.tokens to cost"
+            )
 
     def peak_flops(self) -> float:
         return device_peak_flops(self.device, self.dtype, self.peak_tflops)
@@ -135,6 +187,16 @@ class PlanOptions:
         return from_pf_days(value) if kind == "pf_days" else value
 
 
+def _positive(name: str, value: float, meaning: str = "") -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}={value} must be > 0{meaning}")
+
+
+def _whole(name: str, value: int, meaning: str) -> None:
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1 {meaning}")
+
+
 def register_script_config(name: str, **sections: type) -> None:
     """Store root config `name`: configs/train.yaml plus typed `sections` (e.g. memory=MemoryOptions)."""
     register_configs()
@@ -148,7 +210,10 @@ def register_script_config(name: str, **sections: type) -> None:
 def train_config(cfg: DictConfig, *sections: str) -> TrainConfig:
     """The validated training config of a script's composed config, without the script's own sections."""
     train = to_dataclass(OmegaConf.masked_copy(cfg, [key for key in cfg if key not in sections]))
-    validate(train)
+    # parallel.shard_size must divide the world size planned for (memory.world_size, plan.devices), not this
+    # process's: MemoryOptions.check checks it against that
+    shard = train.parallel.shard_size
+    validate(replace(train, parallel=replace(train.parallel, shard_size=0)) if shard > 0 else train)
     return train
 
 

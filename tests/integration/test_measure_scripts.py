@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,3 +83,37 @@ def test_plan_reverse_costs_gpt3_and_the_configured_model():
 def test_plan_bad_input_is_a_clear_error():  # the other bad inputs: tests/unit/test_measure_planning.py
     zero = run("plan.py", "plan.flops=0")
     assert zero.returncode == 2 and "budget must be > 0" in zero.stderr
+
+
+def test_plan_and_estimate_memory_name_an_out_of_range_setting():
+    """plan.mfu=0 divided by zero; memory.micro_batch=0 fell back to trainer.micro_batch_size silently."""
+    mfu = run("plan.py", "plan.mfu=0")
+    assert mfu.returncode == 2 and "error: plan.mfu=0.0 must be in (0, 1]" in mfu.stderr, mfu.stderr[-2000:]
+    batch = run("estimate_memory.py", "memory.micro_batch=0")
+    assert batch.returncode == 2 and "error: memory.micro_batch=0 must be >= 1" in batch.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch", "-2"], "argument --batch: -2 must be >= 1"),
+        (["--steps", "0"], "argument --steps: 0 must be >= 1"),
+        (["--steps", "-3"], "argument --steps: -3 must be >= 1"),
+        (["--warmup", "x"], "argument --warmup: 'x' is not an integer"),
+        (["--json", "."], "argument --json: . is a folder"),
+    ],
+)
+def test_bench_arguments_are_checked_before_any_work(args, message, capsys):
+    """--batch -2 allocated until killed, --steps 0 divided by zero, --steps -3 printed negative tok/s."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_script().parse_args(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert bench_script().parse_args(["--steps", "1", "--warmup", "0", "--batch", "2"]).steps == 1
+
+
+@functools.cache
+def bench_script():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    module = sys.modules["bench_script"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module

@@ -110,6 +110,28 @@ def test_train_tokenizer_script_reports_bytes_per_token(tmp_path):
     assert bad.returncode == 2 and "tokenizer_training.kind='sentencepiece' is not allowed" in bad.stderr
 
 
+def test_prepare_data_script_names_a_corrupt_parquet_and_leaves_no_folder(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not a parquet file" * 20)
+    out = tmp_path / "shards"
+    proc = run("prepare_data.py", "data=files", f"data.paths=[{bad}]", f"prepare.output_dir={out}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: data.paths ({bad}): could not be read: Parquet magic bytes" in proc.stderr
+    assert not out.exists()
+
+
+def test_train_tokenizer_checks_its_options_before_training(tmp_path):
+    corpus, _ = web_corpus(tmp_path)
+    base = ["data=files", f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}"]
+    folder = run("train_tokenizer.py", *base, f"tokenizer_training.output={tmp_path}")
+    assert folder.returncode == 2, folder.stderr[-3000:]  # before: IsADirectoryError after training
+    assert f"error: tokenizer_training.output={tmp_path} is a folder" in folder.stderr
+    heldout = run("train_tokenizer.py", *base, "tokenizer_training.heldout_bytes=-1")
+    assert (
+        heldout.returncode == 2 and "error: tokenizer_training.heldout_bytes=-1 must be > 0" in heldout.stderr
+    )
+
+
 def test_trainer_trains_on_memory_mapped_shards(tiny_config, tmp_path):
     corpus, _ = web_corpus(tmp_path)
     args = ["data=files", f"data.paths=[{corpus}]", "data.tokenizer.vocab_size=400", "data.val_fraction=0.2",

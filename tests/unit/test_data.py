@@ -156,6 +156,36 @@ def test_unreadable_parquet_is_named_and_nothing_is_written(tmp_path):
     assert not list(out.glob("*.bin")) and not (out / "manifest.json").exists()
 
 
+def test_corrupt_parquet_alone_is_named(tmp_path):
+    """One corrupt file fails inside load_dataset (reading its schema), before any record."""
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not a parquet file" * 20)
+    with pytest.raises(DataError, match=r"data.paths \(.*bad.parquet\): could not be read: .*magic bytes"):
+        list(iter_documents(files_config([bad], tmp_path)))
+
+
+def test_unreachable_hub_dataset_is_named(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nobody/nothing' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    cfg = DataConfig(source="hub", hub_name="nobody/nothing")
+    with pytest.raises(DataError, match=r"data.hub_name=nobody/nothing: could not be read \(check the name"):
+        list(iter_documents(cfg))
+
+
+def test_folder_in_paths_is_named(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", DOCS[:3])
+    with pytest.raises(DataError, match=r"corpus is a folder; give files \(.txt, .jsonl, .json, .parquet\)"):
+        list(iter_documents(files_config([folder], tmp_path)))
+    (folder / "sub").mkdir()  # a glob's folders are passed over; its files are read
+    assert list(iter_documents(files_config([folder / "*"], tmp_path))) == DOCS[:3]
+
+
 def test_split_is_by_document_and_stable():
     flags = [is_validation(d, 0.2) for d in DOCS]
     assert flags == [is_validation(d, 0.2) for d in DOCS]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from llmtrain.config import TrainConfig
 from llmtrain.measure.memory import (
     Setup,
     activation_bytes,
@@ -18,6 +19,7 @@ from llmtrain.measure.memory import (
     measured_peak_bytes,
     model_state_bytes,
 )
+from llmtrain.measure.options import MemoryOptions
 from llmtrain.measure.shapes import Lengths, parameter_count
 from llmtrain.models import IGNORE_INDEX, ModelConfig, build_model
 from llmtrain.models.blocks import Block
@@ -94,6 +96,32 @@ def test_unknown_strategy_or_precision_is_a_clear_error():
         model_state_bytes(1e6, Setup(strategy="zero4"))
     with pytest.raises(ValueError, match="precision='int4'.*allowed"):
         model_state_bytes(1e6, Setup(precision="int4"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"world_size": 0}, r"memory.world_size=0 must be >= 1"),
+        ({"micro_batch": -4}, r"memory.micro_batch=-4 must be >= 1"),
+        ({"micro_batch": 0}, r"memory.micro_batch=0 must be >= 1 \(null: trainer.micro_batch_size\)"),
+        ({"gpu_memory_gib": -1}, r"memory.gpu_memory_gib=-1 must be > 0"),
+        ({"usable_fraction": 1.5}, r"memory.usable_fraction=1.5 must be in \(0, 1\]"),
+        ({"strategy": "zero9"}, r"memory.strategy='zero9' is unknown; allowed: ddp"),
+        ({"world_size": 8, "shard_size": 3}, r"memory.shard_size=3 must divide memory.world_size=8"),
+    ],
+)
+def test_memory_options_out_of_range_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        MemoryOptions(**options).check(TrainConfig())
+
+
+def test_memory_options_check_shard_size_against_the_planned_world_size():
+    cfg = TrainConfig()
+    cfg.parallel.strategy, cfg.parallel.shard_size = "fsdp", 4
+    MemoryOptions(world_size=8).check(cfg)  # hybrid 2 x 4 on the 8 devices planned for, not this process's 1
+    with pytest.raises(ValueError, match=r"parallel.shard_size=4 must divide plan.devices=6"):
+        MemoryOptions(world_size=6).check(cfg, world="plan.devices")
+    MemoryOptions(world_size=8, micro_batch=2, gpu_memory_gib=40, shard_size=2).check(TrainConfig())
 
 
 # --- activations -----------------------------------------------------------------------------------------

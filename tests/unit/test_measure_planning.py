@@ -95,6 +95,28 @@ def test_plan_options_take_exactly_one_positive_budget():
     assert PlanOptions(device="TPUv5", peak_tflops=197).peak_flops() == 197e12
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"mfu": 0}, r"plan.mfu=0 must be in \(0, 1\]"),
+        ({"mfu": 2}, r"plan.mfu=2 must be in \(0, 1\]"),
+        ({"devices": 0}, r"plan.devices=0 must be >= 1"),
+        ({"peak_tflops": -1}, r"plan.peak_tflops=-1 must be > 0"),
+        ({"tokens": -5}, r"plan.tokens=-5 must be > 0"),
+        ({"pf_days": 100, "params": 1e9}, r"plan.pf_days and plan.params over-determine the plan"),
+        ({"hours": 5, "tokens": 1e9}, r"plan.hours and plan.tokens over-determine the plan"),
+    ],
+)
+def test_plan_options_out_of_range_or_over_determined_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        PlanOptions(**options).check()
+
+
+def test_plan_options_in_range_pass():
+    for options in ({}, {"pf_days": 100, "devices": 64}, {"params": 175e9, "tokens": 300e9}, {"mfu": 1.0}):
+        PlanOptions(**options).check()
+
+
 @pytest.mark.parametrize("n_params", [3e6, 1.25e8, 1e9, 7e9, 70e9])
 def test_model_shape_is_buildable_and_near_the_target(n_params):
     base = ModelConfig(vocab_size=32000 if n_params > 1e7 else 4096)

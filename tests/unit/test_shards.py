@@ -285,3 +285,62 @@ def test_a_chunk_whose_documents_are_all_filtered(tmp_path):
     manifest = prepare_shards(data, prep_config(tmp_path / "shards", shard_bytes=1))
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 20
     assert not list((tmp_path / "shards").glob("stage-*"))
+
+
+def test_changed_tokenizer_settings_are_refused_naming_the_setting(corpus, tmp_path, monkeypatch):
+    """The folder's own tokenizer is reused only for the data.tokenizer.* settings it was trained with, in a
+    complete folder and in an interrupted one; its file given as data.tokenizer.path is the same tokenizer."""
+    data, prep = data_config(corpus, tmp_path / "cache"), prep_config(tmp_path / "shards")
+    manifest = prepare_shards(data, prep)
+    bigger = dataclasses.replace(data, tokenizer=dataclasses.replace(data.tokenizer, vocab_size=500))
+    with pytest.raises(
+        DataError, match=r"data.tokenizer.vocab_size=500 \(made with 400\); use the same settings"
+    ):
+        prepare_shards(bigger, prep)
+    own = tmp_path / "shards" / "tokenizer.json"
+    given = dataclasses.replace(data, tokenizer=TokenizerConfig(path=str(own), vocab_size=500))
+    assert prepare_shards(given, prep)["settings"] == manifest["settings"]  # the same tokenizer: reused
+    assert prepare_shards(data, prep)["settings"] == manifest["settings"]
+
+    interrupted = prep_config(tmp_path / "interrupted")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards_module, "_deduplicate", killed)
+    with pytest.raises(KeyboardInterrupt):  # killed after staging every chunk: the staged chunks stay
+        prepare_shards(data, interrupted)
+    monkeypatch.undo()
+    fewer = dataclasses.replace(data, tokenizer=dataclasses.replace(data.tokenizer, n_sentinels=10))
+    with pytest.raises(DataError, match=r"data.tokenizer.n_sentinels=10 \(made with 100\)"):
+        prepare_shards(fewer, interrupted)
+    (tmp_path / "interrupted" / "tokenizer-settings.json").unlink()  # as made before the settings were kept
+    with pytest.raises(
+        DataError, match=r"does not record the data.tokenizer.\* settings.*data.tokenizer.path="
+    ):
+        prepare_shards(data, interrupted)
+    resumed = dataclasses.replace(
+        given, tokenizer=TokenizerConfig(path=str(tmp_path / "interrupted" / "tokenizer.json"))
+    )
+    assert (
+        prepare_shards(resumed, interrupted)["splits"] == manifest["splits"]
+    )  # resumed with its own tokenizer
+
+
+@pytest.mark.parametrize("bad", ["missing", "binary", "parquet"])
+def test_failed_preparation_leaves_no_folder_behind(tmp_path, bad):
+    """Bad input found before any chunk is staged: the folder this run created (and its new parents) goes; a
+    folder that was there already stays."""
+    path = tmp_path / {"missing": "nothing.jsonl", "binary": "data.txt", "parquet": "data.parquet"}[bad]
+    if bad == "binary":
+        path.write_bytes(b"\x00\x9f\xff binary \xfe" * 50)
+    elif bad == "parquet":
+        path.write_bytes(b"not a parquet file" * 50)
+    out = tmp_path / "new" / "shards"
+    with pytest.raises(DataError, match=path.name):
+        prepare_shards(data_config(path, tmp_path / "cache"), prep_config(out))
+    assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)
+    with pytest.raises(DataError, match=path.name):
+        prepare_shards(data_config(path, tmp_path / "cache"), prep_config(out))
+    assert out.is_dir()
