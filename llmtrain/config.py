@@ -356,6 +356,15 @@ def validate(cfg: TrainConfig) -> None:
             _positive(f"data.{name}", getattr(cfg.data, name))
     validate_lengths(cfg)
     _positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
+    if cfg.data.tokenizer.path is None and not prepared:  # a BPE is trained on the data
+        from llmtrain.data.tokenizer import min_vocab_size
+
+        floor = min_vocab_size(cfg.data.tokenizer.n_sentinels)
+        if cfg.data.tokenizer.vocab_size < floor:
+            raise ConfigError(
+                f"data.tokenizer.vocab_size={cfg.data.tokenizer.vocab_size} is too small: 256 bytes + the special "
+                f"tokens ({cfg.data.tokenizer.n_sentinels} sentinels) need at least {floor}"
+            )
     if (
         cfg.model.vocab_size
         and cfg.data.tokenizer.path is None

@@ -26,6 +26,11 @@ def special_tokens(n_sentinels: int) -> list[str]:
     return BASE_SPECIALS + [sentinel(i) for i in range(n_sentinels)]
 
 
+def min_vocab_size(n_sentinels: int) -> int:
+    """The smallest byte-level BPE vocabulary: 256 bytes, the special tokens, and one merge."""
+    return 256 + len(special_tokens(n_sentinels)) + 1
+
+
 @dataclass
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids the objectives need."""
@@ -101,7 +106,7 @@ def train_bpe(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, n_sentinels: int = 100
 ) -> Tokenizer:
     specials = special_tokens(n_sentinels)
-    floor = 256 + len(specials)
+    floor = min_vocab_size(n_sentinels) - 1
     if vocab_size <= floor:
         raise ValueError(
             f"data.tokenizer.vocab_size={vocab_size} is too small: 256 bytes + {len(specials)} special tokens "
@@ -168,13 +173,21 @@ def train_tokenizer(
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer.json (plain JSON; no code runs)."""
+    from llmtrain.data.sources import DataError
+
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data.tokenizer.path: {path} is a folder; give its tokenizer.json file")
     if not path.is_file():
         raise FileNotFoundError(f"data.tokenizer.path: {path} does not exist")
     try:
-        return Tokenizer(HFTokenizer.from_file(str(path)))
+        hf = HFTokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-        raise ValueError(f"data.tokenizer.path: {path} is not a valid tokenizer.json ({err})") from None
+        raise DataError(f"data.tokenizer.path: {path} is not a valid tokenizer.json ({err})") from None
+    try:
+        return Tokenizer(hf)
+    except ValueError as err:  # e.g. a Hugging Face tokenizer without llmtrain's special tokens
+        raise DataError(f"data.tokenizer.path: {path}: {err}") from None
 
 
 def tokenizer_settings_key(**settings) -> str:

@@ -623,7 +623,13 @@ def architecture_differences(cfg: ModelConfig, other: ModelConfig) -> dict[str, 
 def load_hf_weights(model: nn.Module, folder: str | Path) -> None:
     """Copy the weights of a Hugging Face folder into model, whose config must have the same architecture."""
     cfg: ModelConfig = model.cfg
-    hf_cfg = model_config_from_hf(read_hf_config(folder))
+    raw = read_hf_config(folder)
+    if "model_type" not in raw and {"model", "trainer"} <= raw.keys():  # llmtrain's own run config
+        raise UnsupportedArchitecture(
+            f"{folder} is a training run folder, not a Hugging Face model folder; export it first: "
+            f"python scripts/export_hf.py {folder} OUT, then set model.init_from=OUT"
+        )
+    hf_cfg = model_config_from_hf(raw)
     differences = architecture_differences(cfg, hf_cfg)
     if differences:
         # name the settings to change: the primary ones, then any derived one they do not already fix

@@ -145,6 +145,7 @@ def test_an_unreadable_train_state_is_refused_naming_the_file(tiny_config):
         ("trainer.time_limit_minutes=-1", "trainer.time_limit_minutes=-1"),
         ("trainer.max_flops=-1", "trainer.max_flops=-1"),
         ("data.max_bytes=0", "data.max_bytes=0"),
+        ("data.tokenizer.vocab_size=300", "data.tokenizer.vocab_size=300 is too small"),
         ("run_name=..", "run_name='..'"),
         ("parallel.strategy=fsdp", "parallel.shard_size=3 must divide the world size 1"),
     ],
@@ -155,6 +156,15 @@ def test_settings_out_of_range_are_refused_by_validate(tiny_config, override, na
     cfg = tiny_config(model, *extra, override)
     with pytest.raises(ConfigError, match=re.escape(named)):
         validate(cfg)
+
+
+def test_init_from_a_training_run_folder_says_to_export_it(tiny_config):
+    from llmtrain.models import ModelConfigError
+
+    run = Trainer(tiny_config("decoder", "trainer.max_steps=1", "trainer.sample_tokens=0", "run_name=src"))
+    run.fit()
+    with pytest.raises(ModelConfigError, match="is a training run folder.*scripts/export_hf.py"):
+        Trainer(tiny_config("decoder", f"model.init_from={run.run_dir}", "run_name=dst"))
 
 
 def test_mlm_rates_are_refused_by_validate(tiny_config):

@@ -53,6 +53,25 @@ def test_special_tokens_count_zero_bytes(tokenizer):
     assert tokenizer.token_bytes()[tokenizer.special_ids].sum() == 0
 
 
+def test_a_tokenizer_path_that_is_not_a_tokenizer_is_a_data_error(tmp_path, tokenizer):
+    from llmtrain.data import DataError
+    from llmtrain.data.tokenizer import load_tokenizer
+
+    junk = tmp_path / "junk.json"
+    junk.write_text("{not json")
+    with pytest.raises(DataError, match=f"data.tokenizer.path: {junk} is not a valid tokenizer.json"):
+        load_tokenizer(junk)
+    with pytest.raises(DataError, match=f"data.tokenizer.path: {tmp_path} is a folder"):
+        load_tokenizer(tmp_path)
+    bare = tmp_path / "bare.json"  # a valid tokenizer.json without llmtrain's special tokens
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    HFTokenizer(models.BPE()).save(str(bare))
+    with pytest.raises(DataError, match=f"data.tokenizer.path: {bare}: tokenizer lacks special tokens"):
+        load_tokenizer(bare)
+
+
 def test_vocab_too_small_is_refused():
     with pytest.raises(ValueError, match="data.tokenizer.vocab_size=300"):
         train_bpe(DOCS, vocab_size=300)
