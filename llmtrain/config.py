@@ -307,8 +307,9 @@ def validate_lengths(cfg: TrainConfig) -> None:
             )
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Everything that can be checked before data, model or run directory exist."""
+def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
+    """Everything that can be checked before data, model or run directory exist. trains_bpe: a byte-level BPE
+    is trained when data.tokenizer.path is not set (training, prepare_data; not train_tokenizer's other kinds)."""
     try:
         check_model_config(cfg.model)
     except ModelConfigError as err:
@@ -356,7 +357,7 @@ def validate(cfg: TrainConfig) -> None:
             _positive(f"data.{name}", getattr(cfg.data, name))
     validate_lengths(cfg)
     _positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
-    if cfg.data.tokenizer.path is None and not prepared:  # a BPE is trained on the data
+    if trains_bpe and cfg.data.tokenizer.path is None and not prepared:  # a BPE is trained on the data
         from llmtrain.data.tokenizer import min_vocab_size
 
         floor = min_vocab_size(cfg.data.tokenizer.n_sentinels)

@@ -34,6 +34,10 @@ from llmtrain.training.trainer import build_objective
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+SOURCE_SETTINGS = ("data.source", "data.paths", "data.hub_name", "data.hub_config", "data.hub_split")
+"""--set keys that name a raw source, which a run's data.shards / data.mixture would otherwise override."""
+
+
 def run_config(source: Path, data: str | None, settings: list[str]) -> tuple[TrainConfig, bool]:
     """The run's training config (or the defaults, for an exported folder), with the data changed as asked;
     and whether a run's config was found."""
@@ -52,6 +56,10 @@ def run_config(source: Path, data: str | None, settings: list[str]) -> tuple[Tra
         cfg.data.shards, cfg.data.mixture = None, []  # the run's prepared data gives way to NAME's
         cfg.data = OmegaConf.merge(cfg.data, OmegaConf.load(path))
         cfg.data.seq_len = seq_len  # the model's sequence length, unless --set changes it
+    keys = [setting.split("=")[0].strip() for setting in settings]
+    prepared = any(k.startswith(("data.shards", "data.mixture")) for k in keys)
+    if any(k in SOURCE_SETTINGS for k in keys) and not prepared:  # the run's prepared data gives way
+        cfg.data.shards, cfg.data.mixture = None, []
     for setting in settings:  # one at a time, so an error names the setting
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([setting]))
@@ -94,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        loaders = build_loaders(cfg.data, objective.raw_length, args.batch_size, cfg.seed, corpus=corpus)
+        loaders = build_loaders(
+            cfg.data, objective.raw_length, args.batch_size, cfg.seed, corpus=corpus, train=False
+        )
     except DataError as err:  # e.g. a validation split shorter than one batch of windows
         print(
             f"error: {err} (--batch-size {args.batch_size}, data.seq_len={cfg.data.seq_len})", file=sys.stderr

@@ -111,8 +111,8 @@ def output_path(opts: TokenizerTraining, data: DataConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     setup_logging()
     try:
-        data = train_config(cfg, "prepare", "tokenizer_training").data
         opts: TokenizerTraining = OmegaConf.to_object(cfg.tokenizer_training)
+        data = train_config(cfg, "prepare", "tokenizer_training", trains_bpe=opts.kind == "bpe").data
         curation = OmegaConf.to_object(cfg.prepare).curation
         check_options(opts)
         t = data.tokenizer

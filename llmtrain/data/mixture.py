@@ -222,7 +222,7 @@ class MixtureLoader:
 class DataPipeline:
     corpus: Corpus
     """Tokenizer, tokenizer path, and the train / val tokens (of the first mixture source for a mixture)."""
-    train_loader: WindowLoader | MixtureLoader
+    train_loader: WindowLoader | MixtureLoader | None
     val_loader: WindowLoader | MixtureLoader
 
 
@@ -268,8 +268,10 @@ def build_loaders(
     rank: int = 0,
     world_size: int = 1,
     corpus: Corpus | None = None,
+    train: bool = True,
 ) -> DataPipeline:
-    """Corpus, train loader and val loader for a data config (llmtrain.config.DataConfig).
+    """Corpus, train loader and val loader for a data config (llmtrain.config.DataConfig); train=False: the
+    val loader only (evaluation: the train split need not hold a batch), train_loader None.
 
     With `data.mixture` (a list of entries with path, weight, name, max_epochs) both loaders are MixtureLoaders
     over the sources' train / val splits; every source must have been made with the same tokenizer. Otherwise
@@ -278,8 +280,7 @@ def build_loaders(
     mixture = getattr(data, "mixture", None)
     if mixture:
         expected = load_tokenizer(data.tokenizer.path).digest() if data.tokenizer.path else None
-        train_sources, sets = _mixture_sources(mixture, "train", expected)
-        val_sources, _ = _mixture_sources(mixture, "val", expected)
+        val_sources, sets = _mixture_sources(mixture, "val", expected)
         for source in val_sources:
             source.max_epochs = (
                 None  # evaluation restarts from the top every time; it never exhausts a source
@@ -287,7 +288,11 @@ def build_loaders(
         corpus = corpus or Corpus(
             sets[0].tokenizer(), sets[0].split("train"), sets[0].split("val"), sets[0].tokenizer_path
         )
-        train = MixtureLoader(train_sources, raw_length, batch_size, seed, rank=rank, world_size=world_size)
+        loader = None
+        if train:
+            sources, _ = _mixture_sources(mixture, "train", expected)
+            loader = MixtureLoader(sources, raw_length, batch_size, seed, rank=rank, world_size=world_size)
+            log.info("%s", loader.describe())
         val = MixtureLoader(
             val_sources,
             raw_length,
@@ -298,10 +303,13 @@ def build_loaders(
             world_size=world_size,
             name="validation",
         )
-        log.info("%s", train.describe())
-        return DataPipeline(corpus, train, val)
+        return DataPipeline(corpus, loader, val)
     corpus = corpus or load_corpus(data)
-    train = WindowLoader(corpus.train, raw_length, batch_size, seed, rank=rank, world_size=world_size)
+    loader = (
+        WindowLoader(corpus.train, raw_length, batch_size, seed, rank=rank, world_size=world_size)
+        if train
+        else None
+    )
     val = WindowLoader(
         corpus.val,
         raw_length,
@@ -312,7 +320,7 @@ def build_loaders(
         world_size=world_size,
         name="validation",
     )
-    return DataPipeline(corpus, train, val)
+    return DataPipeline(corpus, loader, val)
 
 
 def build_train_loader(data, raw_length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):

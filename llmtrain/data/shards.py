@@ -615,13 +615,14 @@ def _check_tokenizer_request(folder: Path, request: dict) -> None:
     """The folder's own tokenizer is reused only for the settings it was made with (TOKENIZER_REQUEST)."""
     own, record = folder / "tokenizer.json", folder / TOKENIZER_REQUEST
     other = f"another prepare.output_dir, or delete {folder}"
-    if not record.is_file():  # made before the settings were recorded
-        raise DataError(
-            f"{own} does not record the data.tokenizer.* settings it was made with; to keep it set "
-            f"data.tokenizer.path={own}; else use {other}"
-        )
     reuse = f"use the same settings (or data.tokenizer.path={own}), {other}"
-    made = json.loads(record.read_text())
+    if not record.is_file():  # made before the settings were recorded: check what the tokenizer itself shows
+        tok = load_tokenizer(own)
+        made = {"data.tokenizer.path": None, "data.tokenizer.vocab_size": tok.vocab_size,
+                "data.tokenizer.n_sentinels": len(tok.sentinel_ids)}  # fmt: skip
+        request = {k: v for k, v in request.items() if k in made}
+    else:
+        made = json.loads(record.read_text())
     keys = [k for k in {**made, **request} if request.get(k) != made.get(k)]
     if "data.tokenizer.path" in keys:  # a given file against a trained BPE: the other settings do not apply
         keys = ["data.tokenizer.path"]
@@ -675,7 +676,9 @@ def prepare_shards(data: DataConfig, prep: PrepareConfig) -> dict:
         return _prepare(data, prep, folder)
     except BaseException:
         # bad input found before any chunk was staged: leave no folder behind that looks like a started set
-        if created and not any(folder.glob("stage-*.json")) and not any(folder.glob("chunk-*.json")):
+        # (but a trained tokenizer stays: a restart reuses it instead of training it again)
+        started = any(folder.glob("stage-*.json")) or any(folder.glob("chunk-*.json"))
+        if created and not started and not (folder / "tokenizer.json").is_file():
             shutil.rmtree(folder, ignore_errors=True)
             for parent in created[1:]:
                 if any(parent.iterdir()):

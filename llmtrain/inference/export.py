@@ -102,8 +102,11 @@ def export_hf(
         if replacing:  # the earlier export steps aside, the new one takes its name, then the old one goes
             old = partial.with_suffix(".old")
             out.rename(old)
-            partial.rename(out)
-            shutil.rmtree(old)
+            try:
+                partial.rename(out)
+            except BaseException:
+                old.rename(out)  # the earlier export back under its name
+                raise
         else:
             partial.replace(out)  # over an empty folder too
     except BaseException as err:
@@ -114,4 +117,6 @@ def export_hf(
                 f"could not write the export {out} ({type(err).__name__}: {err}); {kept}"
             ) from None
         raise
+    if replacing:
+        shutil.rmtree(old, ignore_errors=True)  # the new export is in place whatever happens to the old one
     return out

@@ -132,6 +132,10 @@ def model_tokenizer(loaded: LoadedModel, given: str | Path | None) -> tuple[Path
         path, flag = Path(loaded.tokenizer_path), "the tokenizer found beside the model"
     else:
         path, flag = Path(given), "--tokenizer"
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{flag}: {path} is a folder; pass the tokenizer.json file the model was trained with"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"{flag}: {path} does not exist; pass the tokenizer.json the model was trained with"

@@ -207,13 +207,14 @@ def register_script_config(name: str, **sections: type) -> None:
     ConfigStore.instance().store(name=name, node=node)
 
 
-def train_config(cfg: DictConfig, *sections: str) -> TrainConfig:
-    """The validated training config of a script's composed config, without the script's own sections."""
+def train_config(cfg: DictConfig, *sections: str, trains_bpe: bool = True) -> TrainConfig:
+    """The validated training config of a script's composed config, without the script's own sections
+    (trains_bpe: see config.validate)."""
     train = to_dataclass(OmegaConf.masked_copy(cfg, [key for key in cfg if key not in sections]))
     # parallel.shard_size must divide the world size planned for (memory.world_size, plan.devices), not this
     # process's: MemoryOptions.check checks it against that
     shard = train.parallel.shard_size
-    validate(replace(train, parallel=replace(train.parallel, shard_size=0)) if shard > 0 else train)
+    validate(replace(train, parallel=replace(train.parallel, shard_size=0)) if shard > 0 else train, trains_bpe)
     return train
 
 

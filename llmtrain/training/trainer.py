@@ -691,14 +691,19 @@ class Trainer:
                     )  # fmt: skip
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
-            paused = (
-                time.perf_counter()
-            )  # evaluation and checkpoints are not training: off the window's clock
-            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps:
+            # evaluation and checkpoints are not training: off the window's clock, once the queued steps are done
+            evaluate = t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps
+            save = (
+                t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps
+            )
+            if (evaluate or save) and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            paused = time.perf_counter()
+            if evaluate:
                 evaluated = self.evaluate()
                 self.write_metrics({"step": self.step, **evaluated})
                 self.log_evaluation(evaluated)
-            if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps:
+            if save:
                 self.save()
             window_start += time.perf_counter() - paused
             if self.step < t.max_steps and self._stop_requested(stop):

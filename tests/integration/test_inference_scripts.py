@@ -9,6 +9,7 @@ import errno
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -103,6 +104,20 @@ def test_export_replaces_an_earlier_export_only_once_complete(runs, tmp_path, ca
         assert files_of(out) == first  # not a new config.json beside the old weights
         assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no partial folder, no "new"
 
+    # the swap itself fails (the new folder cannot take the name): the earlier export is put back
+    rename = Path.rename
+
+    def refused(self, target):
+        if self.name.endswith(".partial"):
+            raise OSError(errno.EACCES, "Permission denied")
+        return rename(self, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", refused)
+        assert export([str(run_dir), str(out)]) == 2
+    assert "the earlier export there is unchanged" in capsys.readouterr().err
+    assert files_of(out) == first and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
     # a complete re-export replaces the earlier one (here: of another model, so its config differs)
     other = json.loads(first["config.json"]) | {"n_layer": 1}
     (out / "config.json").write_text(json.dumps(other))
@@ -151,6 +166,24 @@ def test_evaluate_reads_the_shards_and_mixture_a_run_trained_on(corpus_file, cac
     assert evaluate([str(trainer.run_dir), *args]) == 0
     fp32 = json.loads(capsys.readouterr().out)["results"]["fp32"]
     assert fp32["bpb"] != pytest.approx(trainer.result["val_bpb"], rel=1e-3)
+    # so does a --set that names another source
+    args = [
+        "--set",
+        "data.source=files",
+        f"data.paths=[{corpus_file}]",
+        "--batches",
+        "2",
+        "--batch-size",
+        "8",
+    ]
+    assert evaluate([str(trainer.run_dir), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["results"]["fp32"]["bpb"] == pytest.approx(
+        fp32["bpb"], rel=1e-9
+    )
+    # evaluation reads the validation split only: a train split shorter than one batch does not matter
+    args[-4:-4] = ["data.val_fraction=0.99"]
+    args[-1] = "64"
+    assert evaluate([str(trainer.run_dir), *args]) == 0, capsys.readouterr().err
 
 
 # --- 3, 4. bad flags stop argparse at once, naming the flag and what is allowed --------------------------------

@@ -315,10 +315,10 @@ def test_changed_tokenizer_settings_are_refused_naming_the_setting(corpus, tmp_p
     with pytest.raises(DataError, match=r"data.tokenizer.n_sentinels=10 \(made with 100\)"):
         prepare_shards(fewer, interrupted)
     (tmp_path / "interrupted" / "tokenizer-settings.json").unlink()  # as made before the settings were kept
-    with pytest.raises(
-        DataError, match=r"does not record the data.tokenizer.\* settings.*data.tokenizer.path="
-    ):
-        prepare_shards(data, interrupted)
+    # such a folder is checked against what its tokenizer shows: its size and sentinels
+    with pytest.raises(DataError, match=r"data.tokenizer.vocab_size=500 \(made with 400\)"):
+        prepare_shards(bigger, interrupted)
+    assert prepare_shards(data, interrupted)["settings"] == manifest["settings"]  # agrees: it resumes
     resumed = dataclasses.replace(
         given, tokenizer=TokenizerConfig(path=str(tmp_path / "interrupted" / "tokenizer.json"))
     )
@@ -344,3 +344,16 @@ def test_failed_preparation_leaves_no_folder_behind(tmp_path, bad):
     with pytest.raises(DataError, match=path.name):
         prepare_shards(data_config(path, tmp_path / "cache"), prep_config(out))
     assert out.is_dir()
+
+
+def test_an_interrupt_after_the_tokenizer_is_trained_keeps_it(corpus, tmp_path, monkeypatch):
+    """The clean-up of a failed start leaves a trained tokenizer in place: the restart reuses it."""
+    data, prep = data_config(corpus, tmp_path / "cache"), prep_config(tmp_path / "new" / "shards")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards_module, "token_dtype", interrupted)  # the next step after shard_tokenizer
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(data, prep)
+    assert (tmp_path / "new" / "shards" / "tokenizer.json").is_file()
