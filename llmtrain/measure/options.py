@@ -214,7 +214,9 @@ def train_config(cfg: DictConfig, *sections: str, trains_bpe: bool = True) -> Tr
     # parallel.shard_size must divide the world size planned for (memory.world_size, plan.devices), not this
     # process's: MemoryOptions.check checks it against that
     shard = train.parallel.shard_size
-    validate(replace(train, parallel=replace(train.parallel, shard_size=0)) if shard > 0 else train, trains_bpe)
+    validate(
+        replace(train, parallel=replace(train.parallel, shard_size=0)) if shard > 0 else train, trains_bpe
+    )
     return train
 
 
