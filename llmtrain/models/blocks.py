@@ -24,8 +24,12 @@ class _RMSNormFunction(torch.autograd.Function):
         sum_sq = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_()  # one pass, no x^2 tensor
         rstd = sum_sq.div_(x.shape[-1]).add_(eps).rsqrt_()
         normed = x32 * rstd
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        torch.mul(normed, weight.to(normed.dtype), out=out)
+        if torch.compiler.is_compiling():  # a new tensor: torch 2.11's dynamo loses the gradient of an out=
+            out = normed * weight.to(normed.dtype)  # result or of a same-dtype .to (an alias)
+            out = out.to(out_dtype) if out_dtype != out.dtype else out
+        else:
+            out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+            torch.mul(normed, weight.to(normed.dtype), out=out)
         ctx.save_for_backward(normed, rstd, weight)
         ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         return out
@@ -243,7 +247,8 @@ class _FusedLinear(torch.autograd.Function):
     the activations) and hands each weight a view of the one weight gradient."""
 
     @staticmethod
-    def forward(ctx, x, bias, *weights):
+    def forward(ctx, *inputs):  # (x, bias, *weights); one varargs parameter: torch 2.11's dynamo drops ctx
+        x, bias, *weights = inputs  # under no_grad when the argument count equals forward's parameter count
         ctx.save_for_backward(x, *weights)
         ctx.has_bias = bias is not None
         return F.linear(x, torch.cat(weights), bias)

@@ -95,8 +95,12 @@ class EncoderDecoderLM(LanguageModel):
         if (document_ids is None) != (decoder_document_ids is None):
             raise ValueError("pass both document_ids and decoder_document_ids, or neither")
         encoder_x, decoder_x = self.embed_both(input_ids, decoder_input_ids)
-        encoded = self.encode(input_ids, attention_mask, document_ids, embedded=encoder_x)
-        logits = self.decode(
+        # the class's own methods: FSDP's register_fsdp_forward_method patches encode/decode on the instance
+        # (for generation), and torch 2.11 mishandles those hooks nested in the root's forward (the tied
+        # embedding / lm_head weight then gets no gradient)
+        encoded = type(self).encode(self, input_ids, attention_mask, document_ids, embedded=encoder_x)
+        logits = type(self).decode(
+            self,
             decoder_input_ids,
             encoded,
             attention_mask,

@@ -236,7 +236,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with warnings.catch_warnings(), _filtered(root, quiet):
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
-            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+            reader = SafeReader(str(path))
+            reader.read_metadata()  # its own error: torch 2.11's dcp.load reports only "metadata is None"
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
         except (Exception, CheckpointException) as err:  # DCP wraps each rank's failure: keep the reason
             reasons = [line for line in str(err).splitlines() if "checkpoint " in line or "Error" in line]
             reason = (reasons or [str(err)])[-1]
