@@ -237,9 +237,11 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not allowed; allowed: {', '.join(allowed)}")
 
 
-def _positive(name: str, value: int | float) -> None:
+def check_positive(name: str, value: int | float, meaning: str = "") -> None:
+    """A setting that must be a finite number > 0; `meaning` follows the rule in the message."""
     if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{name}={value} must be > 0 (and finite)")
+        finite = " and finite" if value > 0 else ""
+        raise ConfigError(f"{name}={value} must be > 0{finite}{meaning}")
 
 
 def _non_negative(name: str, value: int | float, meaning: str = "") -> None:
@@ -252,12 +254,15 @@ def _unit_interval(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} must be in [0, 1)")
 
 
-def check_shard_size(shard_size: int, world: int) -> None:
-    """FSDP's shard group: 0 (all ranks), 1 (replicate) or a divisor of the world size (hybrid)."""
+def check_shard_size(
+    shard_size: int, world: int, name: str = "parallel.shard_size", world_name: str = "the world size"
+) -> None:
+    """FSDP's shard group: 0 (all ranks), 1 (replicate) or a divisor of the world size (hybrid). `world_name`:
+    where the world size comes from (memory.world_size, plan.devices when planning)."""
     if shard_size < 0 or (shard_size and world % shard_size):
         raise ConfigError(
-            f"parallel.shard_size={shard_size} must divide the world size {world}; allowed: 0 (= world size, "
-            "full shard), 1 (replicate, like DDP), or a divisor in between (hybrid shard)"
+            f"{name}={shard_size} must divide {world_name}{'=' if '.' in world_name else ' '}{world}; allowed: "
+            "0 (= world size, full shard), 1 (replicate, like DDP), or a divisor in between (hybrid shard)"
         )
 
 
@@ -288,7 +293,7 @@ def resolve_batch(cfg: TrainConfig, data_parallel_size: int) -> None:
 
 def validate_lengths(cfg: TrainConfig) -> None:
     """The windows the objective makes fit the model: data.seq_len, and T5's targets, within model.max_seq_len."""
-    _positive("data.seq_len", cfg.data.seq_len)
+    check_positive("data.seq_len", cfg.data.seq_len)
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is longer than the position table model.max_seq_len="
@@ -347,16 +352,16 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
         if not source.weight >= 0:
             raise ConfigError(f"data.mixture[{i}].weight={source.weight} must be >= 0")
         if source.max_epochs is not None:
-            _positive(f"data.mixture[{i}].max_epochs", source.max_epochs)
+            check_positive(f"data.mixture[{i}].max_epochs", source.max_epochs)
     if cfg.data.mixture and not sum(s.weight for s in cfg.data.mixture) > 0:
         raise ConfigError("data.mixture weights sum to 0; at least one source needs a positive weight")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     for name in ("max_documents", "max_bytes"):
         if getattr(cfg.data, name) is not None:
-            _positive(f"data.{name}", getattr(cfg.data, name))
+            check_positive(f"data.{name}", getattr(cfg.data, name))
     validate_lengths(cfg)
-    _positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
+    check_positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
     if trains_bpe and cfg.data.tokenizer.path is None and not prepared:  # a BPE is trained on the data
         from llmtrain.data.tokenizer import min_vocab_size
 
@@ -376,7 +381,7 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
             f"{cfg.data.tokenizer.vocab_size}; allowed: 0 (take it from the tokenizer) or >= the tokenizer's"
         )
     for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval"):
-        _positive(f"trainer.{name}", getattr(cfg.trainer, name))
+        check_positive(f"trainer.{name}", getattr(cfg.trainer, name))
     t = cfg.trainer
     _non_negative("trainer.eval_interval", t.eval_interval, " (0: evaluate only at the start and the end)")
     _non_negative("trainer.checkpoint_interval", t.checkpoint_interval, " (0: save only at the end)")
@@ -384,7 +389,7 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
     _non_negative("trainer.num_threads", t.num_threads, " (0: torch's default)")
     _non_negative("trainer.time_limit_minutes", t.time_limit_minutes, " (0: no limit)")
     if t.max_flops is not None:
-        _positive("trainer.max_flops", t.max_flops)
+        check_positive("trainer.max_flops", t.max_flops)
     _one_of("trainer.precision", cfg.trainer.precision, ("auto", "bf16", "fp16", "fp32"))
     p = cfg.parallel
     _one_of("parallel.strategy", p.strategy, ("single", "ddp", "fsdp"))
@@ -403,15 +408,15 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
         raise ConfigError(
             f"trainer.keep_last_k={cfg.trainer.keep_last_k} must be >= 2 (a crash mid-save needs a spare)"
         )
-    _positive("trainer.stop_check_interval", cfg.trainer.stop_check_interval)
+    check_positive("trainer.stop_check_interval", cfg.trainer.stop_check_interval)
     resolve_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.trainer.global_batch_size is not None:
-        _positive("trainer.global_batch_size", cfg.trainer.global_batch_size)
-    _positive("optim.lr", cfg.optim.lr)
+        check_positive("trainer.global_batch_size", cfg.trainer.global_batch_size)
+    check_positive("optim.lr", cfg.optim.lr)
     _non_negative("optim.weight_decay", cfg.optim.weight_decay)
     _unit_interval("optim.beta1", cfg.optim.beta1)
     _unit_interval("optim.beta2", cfg.optim.beta2)
-    _positive("optim.eps", cfg.optim.eps)
+    check_positive("optim.eps", cfg.optim.eps)
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
     if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")

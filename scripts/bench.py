@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmtrain.cli import number
 from llmtrain.config import TrainConfig
 from llmtrain.data import Corpus
 from llmtrain.distributed.env import destroy
@@ -201,21 +202,6 @@ def bench(
     )
 
 
-def at_least(low: int):
-    """An argparse type: an integer >= low (argparse names the option in its error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-        return value
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,10 +214,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--parallel", default="single", choices=["single", "ddp", "fsdp"], help="also under torchrun"
     )
-    parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps (>= 1)")
-    parser.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first (>= 0)")
+    parser.add_argument("--steps", type=number(int, minimum=1), default=10, help="timed steps (>= 1)")
+    parser.add_argument("--warmup", type=number(int, minimum=0), default=3, help="untimed steps first (>= 0)")
     parser.add_argument(
-        "--batch", type=at_least(1), default=None, help="micro-batch (>= 1; default: per shape)"
+        "--batch", type=number(int, minimum=1), default=None, help="micro-batch (>= 1; default: per shape)"
     )
     parser.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each block in backward"
@@ -241,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--document-attention",
-        type=at_least(0),
+        type=number(int, minimum=0),
         default=0,
         metavar="N",
         help="documents of N tokens (an EOS every N) with data.document_attention=true (0: off)",

@@ -21,10 +21,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmtrain.cli import device, number, output_file
 from llmtrain.config import ConfigError, TrainConfig, to_dataclass, validate_lengths
 from llmtrain.data import DataError
 from llmtrain.data.mixture import build_loaders, load_corpus
-from llmtrain.inference.cli import device, number, output_file
+from llmtrain.data.tokenizer import atomic_write_text
 from llmtrain.inference.evaluate import evaluate_loader
 from llmtrain.inference.loading import CheckpointError, load_trained_model, model_tokenizer
 from llmtrain.inference.quantize import PRECISIONS, weight_bytes, with_precision
@@ -36,6 +37,11 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 SOURCE_SETTINGS = ("data.source", "data.paths", "data.hub_name", "data.hub_config", "data.hub_split")
 """--set keys that name a raw source, which a run's data.shards / data.mixture would otherwise override."""
+
+
+def setting_keys(settings: list[str]) -> list[str]:
+    """The keys of --set KEY=VALUE settings."""
+    return [setting.split("=")[0].strip() for setting in settings]
 
 
 def run_config(source: Path, data: str | None, settings: list[str]) -> tuple[TrainConfig, bool]:
@@ -56,7 +62,7 @@ def run_config(source: Path, data: str | None, settings: list[str]) -> tuple[Tra
         cfg.data.shards, cfg.data.mixture = None, []  # the run's prepared data gives way to NAME's
         cfg.data = OmegaConf.merge(cfg.data, OmegaConf.load(path))
         cfg.data.seq_len = seq_len  # the model's sequence length, unless --set changes it
-    keys = [setting.split("=")[0].strip() for setting in settings]
+    keys = setting_keys(settings)
     prepared = any(k.startswith(("data.shards", "data.mixture")) for k in keys)
     if any(k in SOURCE_SETTINGS for k in keys) and not prepared:  # the run's prepared data gives way
         cfg.data.shards, cfg.data.mixture = None, []
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model = loaded.cfg
         if OBJECTIVE_FAMILY[cfg.objective.name] != loaded.cfg.family:  # an exported folder: the family's own
             cfg.objective.name = next(k for k, v in OBJECTIVE_FAMILY.items() if v == loaded.cfg.family)
-        if not from_run and not any(s.split("=")[0].strip() == "data.seq_len" for s in args.set):
+        if not from_run and "data.seq_len" not in setting_keys(args.set):
             # an exported folder: the default length, or the model's own where that is shorter
             cfg.data.seq_len = min(cfg.data.seq_len, loaded.cfg.max_seq_len)
         validate_lengths(cfg)  # e.g. a data.seq_len beyond the model's position table
@@ -135,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1, default=str)
     print(text)
     if args.out:
-        partial = args.out.with_name(f".{args.out.name}.partial")  # a failed write leaves no half file
-        partial.write_text(text + "\n")
-        partial.replace(args.out)
+        atomic_write_text(args.out, text + "\n")  # a failed write leaves no half file
     return 0
 
 

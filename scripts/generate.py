@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from llmtrain.inference.cli import device, number
+from llmtrain.cli import device, number
 from llmtrain.inference.generate import fill_mask, fill_spans, sample
 from llmtrain.inference.loading import CheckpointError, load_trained_model, model_tokenizer
 

@@ -132,18 +132,14 @@ def model_tokenizer(loaded: LoadedModel, given: str | Path | None) -> tuple[Path
         path, flag = Path(loaded.tokenizer_path), "the tokenizer found beside the model"
     else:
         path, flag = Path(given), "--tokenizer"
-    if path.is_dir():
-        raise FileNotFoundError(
-            f"{flag}: {path} is a folder; pass the tokenizer.json file the model was trained with"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{flag}: {path} does not exist; pass the tokenizer.json the model was trained with"
-        )
     try:
         tokenizer = load_tokenizer(path)
-    except ValueError as err:  # its message names data.tokenizer.path, the training setting
-        raise ValueError(f"{flag}: {str(err).removeprefix('data.tokenizer.path: ')}") from None
+    except (
+        FileNotFoundError,
+        ValueError,
+    ) as err:  # its message names data.tokenizer.path, a training setting
+        reason = str(err).removeprefix("data.tokenizer.path: ")
+        raise type(err)(f"{flag}: {reason}; pass the tokenizer.json the model was trained with") from None
     check_tokenizer_fits(tokenizer, path, loaded.cfg.vocab_size)
     return path, tokenizer
 

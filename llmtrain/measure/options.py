@@ -8,7 +8,6 @@ composition, as in training.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from llmtrain.config import (
     ParallelConfig,
     TrainConfig,
+    check_positive,
+    check_shard_size,
     register_configs,
     reshards_after_forward,
     to_dataclass,
@@ -73,7 +74,7 @@ class MemoryOptions:
         """Every option in its range, named; `world`: the setting the world size came from (plan.devices in
         scripts/plan.py). parallel.shard_size is checked here, against that world size, not this process's."""
         if self.gpu_memory_gib is not None:
-            _positive(
+            check_positive(
                 "memory.gpu_memory_gib", self.gpu_memory_gib, " (null: the table's size for memory.gpu)"
             )
         if not 0 < self.usable_fraction <= 1:
@@ -97,11 +98,7 @@ class MemoryOptions:
                 "parallel.shard_size",
                 cfg.parallel.shard_size if cfg.parallel.strategy == "fsdp" else 0,
             )
-        if shard and self.world_size % shard:
-            raise ValueError(
-                f"{name}={shard} must divide {world}={self.world_size} (it is the number of devices one model "
-                "copy is sharded over)"
-            )
+        check_shard_size(shard, self.world_size, name, world)
 
     def usable_bytes(self) -> float:
         gib = self.gpu_memory_gib or accelerator(self.gpu).memory_gib
@@ -156,7 +153,7 @@ class PlanOptions:
             raise ValueError(f"plan.mfu={self.mfu} must be in (0, 1] (a fraction of the peak: 0.4 is 40%)")
         for name in ("peak_tflops", "params", "tokens", "aspect_ratio"):
             if getattr(self, name) is not None:
-                _positive(f"plan.{name}", getattr(self, name))
+                check_positive(f"plan.{name}", getattr(self, name))
         budget = [f"plan.{k}" for k in ("flops", "pf_days", "hours") if getattr(self, k) is not None]
         sizes = [f"plan.{k}" for k in ("params", "tokens") if getattr(self, k) is not None]
         if budget and sizes:
@@ -185,11 +182,6 @@ class PlanOptions:
         if kind == "hours":
             return device_budget(self.devices, value, self.mfu, peak_flops)
         return from_pf_days(value) if kind == "pf_days" else value
-
-
-def _positive(name: str, value: float, meaning: str = "") -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}={value} must be > 0{meaning}")
 
 
 def _whole(name: str, value: int, meaning: str) -> None:

@@ -399,9 +399,8 @@ class Trainer:
             nats += out.loss.double() * out.n_targets
             targets += out.n_targets
             labels = batch["labels"]
-            n_bytes += (
-                self.token_bytes[labels.clamp(min=0)] * (labels >= 0)
-            ).sum()  # no mask indexing: no sync
+            # bytes of the labelled tokens, without boolean-mask indexing (a device sync on CUDA)
+            n_bytes += (self.token_bytes[labels.clamp(min=0)] * (labels >= 0)).sum()
         self.model.train()
         sums = all_reduce_sum(torch.stack([nats, targets.double(), n_bytes.double()]))
         nats, targets, n_bytes = sums[0], sums[1], sums[2]

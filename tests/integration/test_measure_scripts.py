@@ -96,9 +96,9 @@ def test_plan_and_estimate_memory_name_an_out_of_range_setting():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--batch", "-2"], "argument --batch: -2 must be >= 1"),
-        (["--steps", "0"], "argument --steps: 0 must be >= 1"),
-        (["--steps", "-3"], "argument --steps: -3 must be >= 1"),
+        (["--batch", "-2"], "argument --batch: -2 is not allowed; allowed: >= 1"),
+        (["--steps", "0"], "argument --steps: 0 is not allowed; allowed: >= 1"),
+        (["--steps", "-3"], "argument --steps: -3 is not allowed; allowed: >= 1"),
         (["--warmup", "x"], "argument --warmup: 'x' is not an integer"),
         (["--json", "."], "argument --json: . is a folder"),
     ],
