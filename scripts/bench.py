@@ -89,6 +89,9 @@ class Result:
     """llmtrain.measure.memory's estimate of the step's peak tensor memory."""
     tracked_peak_gib: float | None = None
     """--track-memory: peak tensor bytes of one step seen by MemTracker (CPU; counts tensors, not the heap)."""
+    runs: str = ""
+    """What ran (the trainer's strategy name): parallel=fsdp on one device is the plain model unless resharding
+    is set (`fsdp_wraps`)."""
 
 
 def make_trainer(
@@ -100,8 +103,10 @@ def make_trainer(
     out: Path,
     ac: bool = False,
     documents: int = 0,
+    reshard: bool | None = None,
 ) -> Trainer:
-    """documents > 0: an EOS every `documents` tokens and data.document_attention=true (block-diagonal masks)."""
+    """documents > 0: an EOS every `documents` tokens and data.document_attention=true (block-diagonal masks).
+    reshard: parallel.reshard_after_forward (set, FSDP wraps on one device too)."""
     model, seq_len, vocab, micro_batch = SHAPES[name]
     cfg = TrainConfig()
     cfg.model = replace(model, vocab_size=vocab)
@@ -112,6 +117,7 @@ def make_trainer(
     cfg.trainer.max_steps, cfg.trainer.eval_batches = 10**6, 1
     cfg.parallel.strategy, cfg.parallel.compile = parallel, compile_
     cfg.parallel.activation_checkpointing = ac
+    cfg.parallel.reshard_after_forward = reshard
     cfg.logger.wandb, cfg.logger.jsonl = "disabled", False
     cfg.output_dir, cfg.run_name = str(out), f"{name}-{precision}-{compile_}-{parallel}"
     rng = np.random.default_rng(0)
@@ -146,9 +152,9 @@ def tracked_step_peak(trainer: Trainer) -> int:
 
 def bench(
     name: str, precision: str, compile_: bool, parallel: str, steps: int, warmup: int, batch, peaks, out,
-    ac: bool = False, track_memory: bool = False, documents: int = 0,
+    ac: bool = False, track_memory: bool = False, documents: int = 0, reshard: bool | None = None,
 ):  # fmt: skip
-    trainer = make_trainer(name, precision, compile_, parallel, batch, out, ac, documents)
+    trainer = make_trainer(name, precision, compile_, parallel, batch, out, ac, documents, reshard)
     device = trainer.device
     for _ in range(warmup):
         trainer.train_step()
@@ -199,6 +205,7 @@ def bench(
         activation_checkpointing=ac,
         estimated_peak_gib=estimate.peak / 2**30,
         tracked_peak_gib=tracked / 2**30 if tracked is not None else None,
+        runs=trainer.strategy_name,
     )
 
 
@@ -213,6 +220,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument(
         "--parallel", default="single", choices=["single", "ddp", "fsdp"], help="also under torchrun"
+    )
+    parser.add_argument(
+        "--reshard-after-forward",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="parallel.reshard_after_forward; true or false makes fsdp wrap on one device too (auto: it does not)",
     )
     parser.add_argument("--steps", type=number(int, minimum=1), default=10, help="timed steps (>= 1)")
     parser.add_argument("--warmup", type=number(int, minimum=0), default=3, help="untimed steps first (>= 0)")
@@ -260,6 +273,7 @@ def main() -> None:
                 r = bench(
                     name, precision, args.compile, args.parallel, args.steps, args.warmup, args.batch, peaks, Path(out),
                     args.activation_checkpointing, args.track_memory, args.document_attention,
+                    {"auto": None, "true": True, "false": False}[args.reshard_after_forward],
                 )  # fmt: skip
                 results.append(r)
                 sheet = f"{r.mfu_datasheet:6.1%}" if r.mfu_datasheet is not None else "     -"
@@ -276,6 +290,8 @@ def main() -> None:
                     ),
                     flush=True,
                 )
+                if r.runs != r.parallel:
+                    say(f"  ran: {r.runs}", flush=True)
                 if r.mfu_measured_peak > 1:
                     say(
                         "  note: MFU(measured) above 100%: the matmul probe ran slower than this step's matmuls "

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from llmtrain.config import check_shard_size, reshards_after_forward
+from llmtrain.config import check_shard_size, fsdp_wraps, reshards_after_forward
 from llmtrain.distributed.env import DistInfo
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -114,12 +114,13 @@ def reshard_all(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, parallel, info: DistInfo, precision: str) -> nn.Module:
-    """Returns the module to call in the training step; `model` itself stays the one to save and sample."""
+    """Returns the module to call in the training step; `model` itself stays the one to save and sample.
+    parallel.strategy=fsdp on one device leaves the model unwrapped unless asked otherwise (`fsdp_wraps`)."""
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if parallel.compile:
         apply_compile(model)
-    if parallel.strategy == "fsdp":
+    if fsdp_wraps(parallel, info.world_size):
         apply_fsdp(
             model,
             fsdp_mesh(info, parallel.shard_size),

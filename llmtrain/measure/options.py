@@ -19,6 +19,7 @@ from llmtrain.config import (
     TrainConfig,
     check_positive,
     check_shard_size,
+    fsdp_wraps,
     register_configs,
     reshards_after_forward,
     to_dataclass,
@@ -108,8 +109,9 @@ class MemoryOptions:
 def strategy_of(parallel: ParallelConfig, world_size: int, precision: str) -> tuple[str, int | None]:
     """The estimator's strategy (and hybrid shard size) for llmtrain's parallel config on world_size devices:
     single/ddp -> ddp (zero1 with parallel.zero1); fsdp -> zero3 (zero2 without resharding after forward)
-    when sharded over all devices, else hybrid over parallel.shard_size."""
-    if parallel.strategy == "fsdp":
+    when sharded over all devices, else hybrid over parallel.shard_size; fsdp that does not wrap on one
+    device (`fsdp_wraps`) -> ddp, the plain model."""
+    if fsdp_wraps(parallel, world_size):
         shard = parallel.shard_size or world_size
         if shard == world_size:
             reshard = reshards_after_forward(

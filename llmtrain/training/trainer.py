@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmtrain.config import ConfigError, TrainConfig, resolve_batch
+from llmtrain.config import ConfigError, TrainConfig, fsdp_wraps, resolve_batch
 from llmtrain.data import Corpus, DataError, Tokenizer, load_tokenizer
 from llmtrain.data.mixture import build_loaders, load_corpus
 from llmtrain.data.prefetch import Prefetcher, pinned
@@ -160,13 +160,14 @@ class Trainer:
             self.dist: DistInfo = init_distributed(
                 t.device,
                 cfg.parallel.timeout_minutes,
-                need_group=cfg.parallel.strategy == "fsdp",
+                need_group=fsdp_wraps(cfg.parallel, 1),  # several ranks make a group anyway
                 cpu_collectives=cfg.parallel.cpu_offload,
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.device, rank, world = self.dist.device, self.dist.rank, self.dist.world_size
         resolve_batch(cfg, world)
+        self.fsdp = fsdp_wraps(cfg.parallel, world)  # fsdp on one device trains unwrapped unless asked
         self.precision = resolve_precision(t.precision, self.device)
         if cfg.parallel.zero1 and not self.dist.distributed:
             raise ConfigError(
@@ -230,14 +231,14 @@ class Trainer:
         # the module to call in training (DDP wraps; FSDP shards self.model in place)
         self.forward_model = parallelize(self.model, cfg.parallel, self.dist, self.precision)
         # FSDP casts parameters itself (MixedPrecisionPolicy); otherwise autocast does
-        self.use_autocast = self.precision != "fp32" and cfg.parallel.strategy != "fsdp"
+        self.use_autocast = self.precision != "fp32" and not self.fsdp
         self.scaler = self._make_scaler()
         self.optimizer = build_optimizer(
             self.model,
             cfg.optim,
             self.device.type,
             zero1=cfg.parallel.zero1,
-            fused=not (self.scaler is not None and cfg.parallel.strategy == "fsdp"),
+            fused=not (self.scaler is not None and self.fsdp),
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.step, self.tokens_seen = 0, 0
@@ -321,7 +322,7 @@ class Trainer:
         """fp16 needs loss scaling (sharded under FSDP); bf16 and fp32 do not."""
         if self.precision != "fp16":
             return None
-        if self.cfg.parallel.strategy == "fsdp":
+        if self.fsdp:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             return ShardedGradScaler()
@@ -338,7 +339,7 @@ class Trainer:
 
     def gradient_sync(self, enabled: bool):
         """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step of accumulation."""
-        if self.cfg.parallel.strategy == "fsdp":
+        if self.fsdp:
             self.model.set_requires_gradient_sync(enabled)
         elif not enabled and isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel):
             return self.forward_model.no_sync()
@@ -366,10 +367,13 @@ class Trainer:
 
     @property
     def strategy_name(self) -> str:
-        """What runs: parallel.strategy, except `single` on several ranks, which is DDP."""
+        """What runs: parallel.strategy, except `single` on several ranks, which is DDP, and `fsdp` on one device
+        without offloading or a resharding setting, which is the plain model."""
         strategy = self.cfg.parallel.strategy
         if strategy == "single" and isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel):
             return "ddp, from parallel=single on several ranks"
+        if strategy == "fsdp" and not self.fsdp:
+            return "single, from parallel=fsdp on one device (nothing to shard)"
         return strategy + (" + zero1" if self.cfg.parallel.zero1 and strategy != "fsdp" else "")
 
     @property

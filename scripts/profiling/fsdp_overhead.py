@@ -1,5 +1,6 @@
-"""What FSDP2 on one device adds to a step, in one process: the plain model and FSDP (auto and forced
-resharding after forward) step in alternating blocks, so a slow spell lands on all three. A model with 12
+"""What FSDP2 on one device adds to a step, in one process: the plain model, parallel=fsdp as it runs on one
+device by default (unwrapped, `fsdp_wraps`), and FSDP wrapped (keeping gathered parameters to backward, and
+resharding after forward) step in alternating blocks, so a slow spell lands on all of them. A model with 12
 blocks but tiny matmuls, so the step is mostly the per-block work the framework and FSDP do on the host,
 which is what a GPU step waits for when the host falls behind. Run under torchrun (one rank: gloo on a CPU,
 NCCL on a GPU):
@@ -18,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/
 import bench
 from bench import make_trainer
 
-import llmtrain.distributed.parallelize as parallelize
 from llmtrain.models.config import ModelConfig
 
 
@@ -35,19 +35,14 @@ def main() -> None:
     model = ModelConfig(args.family, d_model=64, n_layers=args.layers, n_heads=2, max_seq_len=64)
     bench.SHAPES["fsdp_overhead"] = (model, 64, 512, 2)
     with tempfile.TemporaryDirectory() as out:
+        # on one device FSDP wraps only with resharding set (`fsdp_wraps`): both settings, against the plain model
         trainers = {
-            "fsdp auto": make_trainer("fsdp_overhead", args.precision, False, "fsdp", None, Path(out))
-        }
-        apply = parallelize.apply_fsdp
-        parallelize.apply_fsdp = lambda m, mesh, precision, reshard=None, offload=False: apply(
-            m, mesh, precision, True, offload
-        )
-        try:
-            trainers["fsdp reshard"] = make_trainer(
-                "fsdp_overhead", args.precision, False, "fsdp", None, Path(out)
+            f"fsdp reshard={reshard}": make_trainer(
+                "fsdp_overhead", args.precision, False, "fsdp", None, Path(out), reshard=reshard
             )
-        finally:
-            parallelize.apply_fsdp = apply
+            for reshard in (False, True)
+        }
+        trainers["fsdp auto"] = make_trainer("fsdp_overhead", args.precision, False, "fsdp", None, Path(out))
         trainers["plain"] = make_trainer("fsdp_overhead", args.precision, False, "single", None, Path(out))
         times: dict[str, list[float]] = {name: [] for name in trainers}
         for trainer in trainers.values():
@@ -63,7 +58,7 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(
-            f"{args.family} {args.precision} {name:13s} median {1000 * median:7.2f} ms  min "
+            f"{args.family} {args.precision} {name:19s} median {1000 * median:7.2f} ms  min "
             f"{1000 * min(values):7.2f} ms  median / plain {median / plain:.2f}x"
         )
 

@@ -13,8 +13,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from llmtrain.config import reshards_after_forward
+from llmtrain.config import ParallelConfig, fsdp_wraps, reshards_after_forward
 from llmtrain.distributed.parallelize import apply_fsdp, block_lists, block_resharding, reshard_all
+from llmtrain.measure.options import strategy_of
 from llmtrain.models import ModelConfig, build_model
 
 pytestmark = pytest.mark.distributed
@@ -47,6 +48,22 @@ def test_auto_reshards_only_where_it_saves_memory():
     assert block_resharding(None, 4, 1, True, "bf16") == [True, True, True, False]
     assert block_resharding(None, 4, 1, False, "bf16") == [False] * 4
     assert block_resharding(True, 4, 1, False, "bf16") == [True] * 4
+
+
+def test_fsdp_wraps_over_several_devices_or_when_asked_on_one():
+    auto = ParallelConfig(strategy="fsdp")
+    assert fsdp_wraps(auto, 2) and not fsdp_wraps(auto, 1)  # one device: nothing to shard (torchtitan's rule)
+    assert fsdp_wraps(ParallelConfig(strategy="fsdp", cpu_offload=True), 1)  # FSDP does the offloading
+    for setting in (True, False):  # FSDP's own memory behaviour, asked for
+        assert fsdp_wraps(ParallelConfig(strategy="fsdp", reshard_after_forward=setting), 1)
+    assert not fsdp_wraps(ParallelConfig(strategy="ddp"), 2) and not fsdp_wraps(ParallelConfig(), 1)
+    # the memory estimator follows what runs: unwrapped on one device is the plain model
+    assert strategy_of(auto, 1, "bf16") == ("ddp", None)
+    assert strategy_of(auto, 8, "bf16") == ("zero3", None)
+    assert strategy_of(ParallelConfig(strategy="fsdp", reshard_after_forward=False), 1, "bf16") == (
+        "zero2",
+        None,
+    )
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,8 @@ def reference(corpus_file, cache_dir, tmp_path_factory):
         ("ddp_accum", 2, 2, ["parallel=ddp", "trainer.grad_accum_steps=2"]),
         ("ddp_zero1", 2, 4, ["parallel=ddp", "parallel.zero1=true"]),
         ("fsdp", 2, 4, ["parallel=fsdp"]),
-        ("fsdp_one_process", 1, 8, ["parallel=fsdp"]),
+        # one process: FSDP wraps only when asked for its own behaviour (`fsdp_wraps`)
+        ("fsdp_one_process", 1, 8, ["parallel=fsdp", "parallel.reshard_after_forward=false"]),
         (
             "fsdp_zero2_ckpt",
             2,

@@ -60,15 +60,22 @@ def test_fp16_uses_loss_scaling(cuda_config):
     assert trainer.scaler.get_scale() > 0
 
 
+KEEP_GATHERED = (
+    "parallel.reshard_after_forward=false"  # on one device FSDP wraps only when asked (fsdp_wraps)
+)
+
+
 @pytest.mark.parametrize(
-    "extra", [[], ["parallel.cpu_offload=true"], ["trainer.precision=fp16"]], ids=["bf16", "offload", "fp16"]
+    "extra",
+    [[KEEP_GATHERED], ["parallel.cpu_offload=true"], ["trainer.precision=fp16", KEEP_GATHERED]],
+    ids=["bf16", "offload", "fp16"],
 )
 def test_fsdp_on_one_gpu(cuda_config, extra):
     """FSDP2 in one process: a one-rank group, MixedPrecisionPolicy, optional CPU offload / sharded scaler."""
     trainer = Trainer(
         cuda_config("decoder", "trainer.precision=bf16", "parallel=fsdp", "run_name=fsdp", *extra)
     )
-    assert not trainer.use_autocast  # the policy casts, not autocast
+    assert trainer.fsdp and not trainer.use_autocast  # the policy casts, not autocast
     if "parallel.cpu_offload=true" in extra:
         assert next(trainer.model.parameters()).device.type == "cpu"
     result = trainer.fit()
@@ -93,7 +100,7 @@ def test_document_attention_on_cuda(cuda_config, model):
     assert result["val_loss"] < result["initial_val_loss"] - 0.5
 
 
-@pytest.mark.parametrize("extra", [[], ["parallel=fsdp"]], ids=["single", "fsdp"])
+@pytest.mark.parametrize("extra", [[], ["parallel=fsdp", KEEP_GATHERED]], ids=["single", "fsdp"])
 def test_nonfinite_guard_on_the_device(cuda_config, extra):
     """Fused CUDA AdamW skips the poisoned update through found_inf; the loop names the step at its next log."""
     from llmtrain.training.guards import NonFiniteError

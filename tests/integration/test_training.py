@@ -209,6 +209,21 @@ def test_gradient_accumulation_matches_large_batch(tiny_config):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp_on_one_device_trains_the_plain_model(tiny_config):
+    """parallel=fsdp in one process: nothing to shard, so no process group, no DTensor and no FSDP hooks
+    (`fsdp_wraps`); the steps are the plain model's, step for step."""
+    from torch.distributed.tensor import DTensor
+
+    fsdp = Trainer(tiny_config("decoder", "parallel=fsdp", "run_name=fsdp"))
+    assert not fsdp.fsdp and not torch.distributed.is_initialized()
+    assert fsdp.forward_model is fsdp.model
+    assert not any(isinstance(p, DTensor) for p in fsdp.model.parameters())
+    assert fsdp.use_autocast == (fsdp.precision != "fp32")  # autocast casts, as in the plain model
+    assert fsdp.strategy_name == "single, from parallel=fsdp on one device (nothing to shard)"
+    plain = Trainer(tiny_config("decoder", "run_name=plain"))
+    assert [fsdp.train_step().item() for _ in range(2)] == [plain.train_step().item() for _ in range(2)]
+
+
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager(tiny_config):
     """parallel.compile compiles each block; the training it computes is the eager one."""
