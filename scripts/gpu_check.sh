@@ -2,13 +2,14 @@
 # All GPU checks in one go, for a lent CUDA machine (`make gpu-check`), most important first, each skipped when
 # the time left (BUDGET_S, default 480 s from the start) is below what it needs:
 #   1. bf16 + compile steps of GPT-2 124M, BERT-base, T5-base: tokens/s, MFU, peak memory (issue 8's targets)
-#   2. the CUDA tests (tests/gpu: autocast, fp16 scaling, FSDP on one GPU, compile, no host sync in a step)
-#   3. the same shapes as parallel=fsdp through torchrun --nproc_per_node=1, compiled (issue 8's FSDP target;
+#   2. the matmul peak by probe size, data and length (scripts/profiling/matmul_peak.py: the MFU denominator)
+#   3. the CUDA tests (tests/gpu: autocast, fp16 scaling, FSDP on one GPU, compile, no host sync in a step)
+#   4. the same shapes as parallel=fsdp through torchrun --nproc_per_node=1, compiled (issue 8's FSDP target;
 #      on one device that is the plain model, `fsdp_wraps`), then FSDP2 wrapped on one device
 #      (--reshard-after-forward false: what FSDP's hooks cost)
-#   4. where BERT-base's compiled step goes (scripts/profiling/profile_gpu.py)
-#   5. the host-side cost of FSDP on one device (scripts/profiling/fsdp_overhead.py)
-#   6. FSDP eager, then document-aware attention (block masks)
+#   5. where BERT-base's compiled step goes (scripts/profiling/profile_gpu.py)
+#   6. the host-side cost of FSDP on one device (scripts/profiling/fsdp_overhead.py)
+#   7. FSDP eager, then document-aware attention (block masks)
 # Needs the wheels the machine lacks in .whl/ (hydra-core, omegaconf, antlr4-python3-runtime). Writes logs and
 # JSON under $OUT (default gpu_out/). SKIP="tests docs ..." skips steps by name.
 set -uo pipefail
@@ -39,6 +40,7 @@ step() {  # step NAME SECONDS COMMAND...: run it with that timeout if the budget
 }
 
 step single 240 python3 $BENCH --compile --json "$OUT/single_compile.json"
+step peak 60 python3 scripts/profiling/matmul_peak.py
 step tests 150 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider
 step fsdp 240 $TORCHRUN $BENCH --parallel fsdp --compile --json "$OUT/fsdp_compile.json"
 step fsdp_wrapped 240 $TORCHRUN $BENCH --parallel fsdp --reshard-after-forward false --compile \
