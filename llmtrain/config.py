@@ -186,8 +186,9 @@ def reshards_after_forward(
     setting: bool | None, shard_devices: int, cpu_offload: bool, precision: str
 ) -> bool:
     """parallel.reshard_after_forward as set, or for null (auto): reshard where it saves memory. Sharded over
-    several devices or offloaded, resharding frees what the other devices hold. On one device FSDP2 still keeps
-    a gathered copy of each block's weights beside the fp32 shard: resharding frees it (gathering again in
+    several devices or offloaded, resharding frees what the other devices hold. With a shard group of one
+    device (shard_size=1 on several ranks) FSDP2 still keeps a gathered copy of each block's weights beside
+    the fp32 shard: resharding frees it (gathering again in
     backward is a local copy) in fp32, where it would double the weights; under bf16/fp16 the 2-byte copies
     stay, as autocast keeps its casts of the weights from forward to backward too."""
     if setting is not None:
@@ -197,10 +198,12 @@ def reshards_after_forward(
 
 def fsdp_wraps(parallel: ParallelConfig, world_size: int) -> bool:
     """Whether parallel.strategy=fsdp shards the model (fully_shard). On one device there is nothing to shard,
-    and FSDP2's per-block gathers, reductions and DTensor optimizer steps only cost time (1.3-2.2x the plain
-    step on one H100/H200), so the model trains unwrapped, as torchtitan applies FSDP only over more than one
-    shard. parallel.cpu_offload (FSDP does the offloading) or a set parallel.reshard_after_forward (FSDP's own
-    memory behaviour, asked for) still wrap on one device."""
+    and FSDP2's per-block gathers, reductions and DTensor optimizer steps cost 1.3-2.2x the plain step (one
+    H100/H200), so the model trains unwrapped under autocast, as parallel=single does (torchtitan, too, applies
+    FSDP only when its shard dimension is above one; shard_size=1 on several ranks still wraps here). Its
+    activations are then the plain model's, a little more than FSDP's 16-bit parameter casts gave.
+    parallel.cpu_offload (FSDP does the offloading) or a set parallel.reshard_after_forward (FSDP's own
+    behaviour, asked for; false is the previous one-device default under bf16/fp16) still wrap on one device."""
     return parallel.strategy == "fsdp" and (
         world_size > 1 or parallel.cpu_offload or parallel.reshard_after_forward is not None
     )

@@ -28,6 +28,7 @@ from llmtrain.data import Corpus
 from llmtrain.distributed.env import destroy
 from llmtrain.measure.flops import forward_flops, measure_matmul_peak
 from llmtrain.measure.memory import Setup, estimate_memory
+from llmtrain.measure.options import strategy_of
 from llmtrain.measure.shapes import lengths_for
 from llmtrain.models import ModelConfig, count_parameters
 from llmtrain.training.trainer import Trainer
@@ -89,6 +90,8 @@ class Result:
     """llmtrain.measure.memory's estimate of the step's peak tensor memory."""
     tracked_peak_gib: float | None = None
     """--track-memory: peak tensor bytes of one step seen by MemTracker (CPU; counts tensors, not the heap)."""
+    reshard_after_forward: bool | None = None
+    """parallel.reshard_after_forward (--reshard-after-forward; null: auto)."""
     runs: str = ""
     """What ran (the trainer's strategy name): parallel=fsdp on one device is the plain model unless resharding
     is set (`fsdp_wraps`)."""
@@ -178,7 +181,11 @@ def bench(
         import resource
 
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    strategy, shard = strategy_of(trainer.cfg.parallel, trainer.dist.world_size, trainer.precision)
     setup = Setup(
+        strategy=strategy,
+        world_size=trainer.dist.world_size,
+        shard_size=shard,
         precision=trainer.precision,
         activation_checkpointing=ac,
         grad_accum_steps=trainer.cfg.trainer.grad_accum_steps,
@@ -205,6 +212,7 @@ def bench(
         activation_checkpointing=ac,
         estimated_peak_gib=estimate.peak / 2**30,
         tracked_peak_gib=tracked / 2**30 if tracked is not None else None,
+        reshard_after_forward=reshard,
         runs=trainer.strategy_name,
     )
 
@@ -247,6 +255,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args(argv)
+    if args.reshard_after_forward != "auto" and args.parallel != "fsdp":
+        parser.error(
+            f"argument --reshard-after-forward: {args.reshard_after_forward} applies to --parallel fsdp, "
+            f"not {args.parallel}"
+        )
     if Path(args.json).is_dir():  # found now, not after the benchmark
         parser.error(f"argument --json: {args.json} is a folder; give the file to write")
     return args
@@ -290,8 +303,8 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-                if r.runs != r.parallel:
-                    say(f"  ran: {r.runs}", flush=True)
+                if r.runs != r.parallel or r.reshard_after_forward is not None:
+                    say(f"  ran: {r.runs}, reshard_after_forward={r.reshard_after_forward}", flush=True)
                 if r.mfu_measured_peak > 1:
                     say(
                         "  note: MFU(measured) above 100%: the matmul probe ran slower than this step's matmuls "

@@ -4,9 +4,9 @@
 #   1. bf16 + compile steps of GPT-2 124M, BERT-base, T5-base: tokens/s, MFU, peak memory (issue 8's targets)
 #   2. the matmul peak by probe size, data and length (scripts/profiling/matmul_peak.py: the MFU denominator)
 #   3. the CUDA tests (tests/gpu: autocast, fp16 scaling, FSDP on one GPU, compile, no host sync in a step)
-#   4. the same shapes as parallel=fsdp through torchrun --nproc_per_node=1, compiled (issue 8's FSDP target;
-#      on one device that is the plain model, `fsdp_wraps`), then FSDP2 wrapped on one device
-#      (--reshard-after-forward false: what FSDP's hooks cost)
+#   4. the same shapes under FSDP2 wrapped on one device through torchrun --nproc_per_node=1, compiled
+#      (--reshard-after-forward false: what FSDP's hooks cost; plain parallel=fsdp on one device is the plain
+#      model of step 1, `fsdp_wraps`)
 #   5. where BERT-base's compiled step goes (scripts/profiling/profile_gpu.py)
 #   6. the host-side cost of FSDP on one device (scripts/profiling/fsdp_overhead.py)
 #   7. FSDP eager, then document-aware attention (block masks)
@@ -42,11 +42,10 @@ step() {  # step NAME SECONDS COMMAND...: run it with that timeout if the budget
 step single 240 python3 $BENCH --compile --json "$OUT/single_compile.json"
 step peak 60 python3 scripts/profiling/matmul_peak.py
 step tests 150 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider
-step fsdp 240 $TORCHRUN $BENCH --parallel fsdp --compile --json "$OUT/fsdp_compile.json"
-step fsdp_wrapped 240 $TORCHRUN $BENCH --parallel fsdp --reshard-after-forward false --compile \
-  --json "$OUT/fsdp_wrapped_compile.json"
+FSDP="--parallel fsdp --reshard-after-forward false"  # wrapped on one device (else the plain model)
+step fsdp 240 $TORCHRUN $BENCH $FSDP --compile --json "$OUT/fsdp_compile.json"
 step profile_bert 120 python3 scripts/profiling/profile_gpu.py --shapes bert_base --compile
 step overhead 90 $TORCHRUN scripts/profiling/fsdp_overhead.py
-step fsdp_eager 150 $TORCHRUN $BENCH --parallel fsdp --json "$OUT/fsdp_eager.json"
+step fsdp_eager 150 $TORCHRUN $BENCH $FSDP --json "$OUT/fsdp_eager.json"
 step docs 240 python3 $BENCH --compile --document-attention 512 --json "$OUT/single_compile_documents.json"
 echo "== done in $(($(date +%s) - START))s"

@@ -35,7 +35,7 @@ def test_auto_reshards_only_where_it_saves_memory():
         assert reshards_after_forward(None, 8, False, precision) and reshards_after_forward(
             None, 1, True, precision
         )
-    # one device: fp32 frees its gathered copy (it would double the weights); 16-bit keeps it
+    # a shard group of one device: fp32 frees its gathered copy (it would double the weights); 16-bit keeps it
     assert reshards_after_forward(None, 1, False, "fp32")
     assert not reshards_after_forward(None, 1, False, "bf16") and not reshards_after_forward(
         None, 1, False, "fp16"
@@ -70,7 +70,7 @@ def test_fsdp_wraps_over_several_devices_or_when_asked_on_one():
     ("setting", "precision", "expected"),
     [
         (None, "fp32", [True, True, True, False]),  # all but the block backward starts with
-        (None, "bf16", [False, False, False, False]),  # one device, 16-bit: the gathered copies stay
+        (None, "bf16", [False, False, False, False]),  # a one-device shard group, 16-bit: the copies stay
         (True, "bf16", [True, True, True, True]),
         (False, "fp32", [False, False, False, False]),
     ],

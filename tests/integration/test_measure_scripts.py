@@ -101,6 +101,10 @@ def test_plan_and_estimate_memory_name_an_out_of_range_setting():
         (["--steps", "-3"], "argument --steps: -3 is not allowed; allowed: >= 1"),
         (["--warmup", "x"], "argument --warmup: 'x' is not an integer"),
         (["--json", "."], "argument --json: . is a folder"),
+        (
+            ["--reshard-after-forward", "true"],
+            "--reshard-after-forward: true applies to --parallel fsdp, not single",
+        ),
     ],
 )
 def test_bench_arguments_are_checked_before_any_work(args, message, capsys):

@@ -219,7 +219,7 @@ def test_fsdp_on_one_device_trains_the_plain_model(tiny_config):
     assert fsdp.forward_model is fsdp.model
     assert not any(isinstance(p, DTensor) for p in fsdp.model.parameters())
     assert fsdp.use_autocast == (fsdp.precision != "fp32")  # autocast casts, as in the plain model
-    assert fsdp.strategy_name == "single, from parallel=fsdp on one device (nothing to shard)"
+    assert fsdp.strategy_name == "single: parallel=fsdp on one device has nothing to shard"
     plain = Trainer(tiny_config("decoder", "run_name=plain"))
     assert [fsdp.train_step().item() for _ in range(2)] == [plain.train_step().item() for _ in range(2)]
 
