@@ -194,7 +194,11 @@ class SpanCorruption:
         if self.document_attention:
             # padding takes the last document's id; the attention mask keeps it out of every real row
             batch["document_ids"] = torch.from_numpy(_pad_right(parts[2], inputs_pad))
-            batch["decoder_document_ids"] = torch.from_numpy(_pad_right(parts[3], targets_pad))
+            decoder_docs = _pad_right(parts[3], targets_pad)
+            batch["decoder_document_ids"] = torch.from_numpy(decoder_docs)
+            # each document's decoder starts from the start token, as it would alone, not from the previous
+            # document's last target (which its whole decoder would otherwise see)
+            decoder_input_ids[:, 1:][decoder_docs[:, 1:] != decoder_docs[:, :-1]] = self.start
         if inputs_pad:  # only when no raw length maps exactly onto seq_len
             mask = np.ones((B, self.seq_len), dtype=bool)
             mask[:, -inputs_pad:] = False

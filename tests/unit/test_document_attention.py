@@ -121,9 +121,14 @@ def test_span_corruption_document_ids_are_consistent():
     windows[torch.rand(windows.shape, generator=g) < 0.08] = EOS  # documents of ~12 tokens
     batch = objective(windows, torch.Generator().manual_seed(1))
     plain = SpanCorruption(64, SENTINELS, EOS, PAD, PAD)(windows, torch.Generator().manual_seed(1))
-    for key in ("input_ids", "labels", "decoder_input_ids"):  # the same corruption, ids added
+    for key in ("input_ids", "labels"):  # the same corruption, ids added
         assert torch.equal(batch[key], plain[key])
     enc, dec = batch["document_ids"], batch["decoder_document_ids"]
+    # a document's decoder starts from the start token; elsewhere the targets shifted right
+    first = torch.zeros_like(dec, dtype=torch.bool)
+    first[:, 1:] = dec[:, 1:] != dec[:, :-1]
+    assert first.any() and (batch["decoder_input_ids"][first] == PAD).all()  # PAD is the start token here
+    assert torch.equal(batch["decoder_input_ids"][~first], plain["decoder_input_ids"][~first])
     assert enc.shape == batch["input_ids"].shape and dec.shape == batch["labels"].shape
     assert (enc.diff(dim=1) >= 0).all() and (dec.diff(dim=1) >= 0).all()
     raw_docs = document_ids(windows, EOS)
@@ -141,6 +146,25 @@ def test_span_corruption_document_ids_are_consistent():
         kept = ~torch.isin(inputs[:-1], sentinels)
         assert torch.equal(inputs[:-1][kept], windows[row][~noise])
         assert torch.equal(input_docs[:-1][kept], raw_docs[row][~noise])
+
+
+def test_packed_span_corruption_keeps_documents_apart_end_to_end():
+    """Changing one document's tokens changes no other document's logits: not through the encoder, and not
+    through the decoder's shifted input (its first position once got the previous document's last target)."""
+    objective = span_objective(48)
+    g = torch.Generator().manual_seed(3)
+    windows = torch.randint(4, VOCAB - 40, (4, objective.raw_length), generator=g)
+    windows[:, 20] = EOS  # document 0: positions 0-20, document 1: the rest
+    changed = windows.clone()
+    changed[:, :20] = torch.randint(4, VOCAB - 40, (4, 20), generator=g)
+    m = model("encoder_decoder", "relative")
+    batch, other = (objective(w, torch.Generator().manual_seed(4)) for w in (windows, changed))
+    later = batch["decoder_document_ids"] > 0
+    assert torch.equal(later, other["decoder_document_ids"] > 0) and later.any()
+    with torch.no_grad():
+        a, b = m(**batch).logits, m(**other).logits
+    torch.testing.assert_close(a[later], b[later], atol=1e-5, rtol=1e-5)
+    assert (a[~later] - b[~later]).abs().max() > 1e-3  # document 0 itself did change
 
 
 def test_packed_span_corruption_batch_trains_without_nans():
