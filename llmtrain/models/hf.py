@@ -367,7 +367,8 @@ class Rule:
     ours: tuple[str, ...]
     transpose: bool = False
     export_only: bool = False
-    """A second HF name for a tensor already imported under another (BERT's decoder bias)."""
+    """A second HF name for a tensor imported under another (BERT's head bias), written on export and read on
+    import only when the other is missing (transformers 4 saves one of the two)."""
 
 
 def _linear(hf: str, ours: str, bias: bool, transpose: bool = False) -> list[Rule]:
@@ -427,8 +428,12 @@ def _bert_rules(cfg: ModelConfig) -> list[Rule]:
         rules += _norm(f"{h}.output.LayerNorm", f"{o}.mlp_norm", True)
     rules += _linear("cls.predictions.transform.dense", "head_transform.dense", True)
     rules += _norm("cls.predictions.transform.LayerNorm", "head_transform.norm", True)
-    rules.append(Rule("cls.predictions.bias", ("lm_head.bias",)))
-    rules.append(Rule("cls.predictions.decoder.bias", ("lm_head.bias",), export_only=True))
+    # transformers 5 keeps two bias parameters, tied like the weights: tied, the decoder's is cls.predictions.bias;
+    # untied (tie_word_embeddings=false), its forward reads the decoder's own. Both names are exported.
+    biases = ["cls.predictions.bias", "cls.predictions.decoder.bias"]
+    read, alias = biases if cfg.tie_embeddings else biases[::-1]
+    rules.append(Rule(read, ("lm_head.bias",)))
+    rules.append(Rule(alias, ("lm_head.bias",), export_only=True))
     return rules
 
 
@@ -498,13 +503,16 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     HF tensor the model has no place for."""
     arch = hf_architecture(cfg)
     out, used = {}, set()
-    for rule in weight_rules(cfg):
+    rules = weight_rules(cfg)
+    aliases = {rule.ours: rule.hf for rule in rules if rule.export_only}
+    for rule in rules:
         if rule.export_only:
             used.add(rule.hf)
             continue
-        if rule.hf not in hf_state:
+        name = rule.hf if rule.hf in hf_state else aliases.get(rule.ours, rule.hf)
+        if name not in hf_state:
             raise KeyError(f"the Hugging Face weights lack {rule.hf}")
-        tensor = hf_state[rule.hf]
+        tensor = hf_state[name]
         tensor = tensor.t() if rule.transpose else tensor
         for name, part in zip(rule.ours, tensor.chunk(len(rule.ours), dim=0)):
             out[name] = part.contiguous()
