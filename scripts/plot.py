@@ -1,8 +1,9 @@
 """Plot runs' loss and bits-per-byte curves: `python scripts/plot.py runs/a runs/b --x tokens --out curves.png`.
 
 Reads each run directory's metrics.jsonl: training records (step, loss, tokens) draw the training loss, eval
-records (step, val_loss, val_bpb) the validation loss and bits per byte. The x axis is steps, corpus tokens,
-or training FLOPs (tokens x the trainer's FLOPs per corpus token, from the run's config.json).
+records (step, val_loss, val_bpb) the validation loss and bits per byte. The x axis is steps, tokens (the
+trainer's count: input tokens), or training FLOPs (tokens x the trainer's FLOPs per input token, from the
+run's config.json).
 """
 
 from __future__ import annotations
@@ -30,16 +31,18 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def flops_per_token(run_dir: Path) -> float:
-    """Training FLOPs per corpus token of the run's model and objective (the trainer's count)."""
+    """Training FLOPs per token of the trainer's count (input tokens; span corruption reads more corpus
+    tokens than that) of the run's model and objective."""
     from llmtrain.config import to_dataclass
-    from llmtrain.measure.flops import training_flops_per_token
+    from llmtrain.measure.flops import forward_flops
     from llmtrain.measure.shapes import lengths_for, model_config_for
 
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json: --x flops needs the run's model")
     cfg = to_dataclass(json.loads(config_path.read_text()))
-    return training_flops_per_token(model_config_for(cfg), lengths_for(cfg))
+    lengths = lengths_for(cfg)
+    return forward_flops(model_config_for(cfg), lengths).training / lengths.inputs
 
 
 def x_values(records: list[dict], x: str, tokens_per_step: float, per_token: float) -> list[float]:

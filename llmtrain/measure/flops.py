@@ -85,7 +85,8 @@ def forward_flops(cfg: ModelConfig, lengths: Lengths) -> FlopCount:
 
 
 def training_flops_per_token(cfg: ModelConfig, lengths: Lengths) -> float:
-    """Training FLOPs per corpus token (the unit of tokens/s and of D in C = 6ND)."""
+    """Training FLOPs per corpus token (the unit of D in C = 6ND). The trainer's tokens and tokens/s count
+    input tokens, fewer for span corruption (`llmtrain.measure.shapes.corpus_tokens`)."""
     return forward_flops(cfg, lengths).training / lengths.corpus
 
 

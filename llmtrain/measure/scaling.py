@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from llmtrain.config import TrainConfig, to_dataclass
-from llmtrain.measure.shapes import lengths_for, model_config_for, parameter_count
+from llmtrain.measure.shapes import corpus_tokens, lengths_for, model_config_for, parameter_count
 
 
 class ScalingError(ValueError):
@@ -109,8 +109,10 @@ def point_from_run(run_dir: Path) -> RunPoint:
     budget = cfg.trainer.max_flops
     if not budget or budget <= 0:
         raise ScalingError(f"{run_dir} has no positive compute budget (trainer.max_flops={budget})")
-    n_tokens = last_logged_tokens(run_dir / "metrics.jsonl")
-    if n_tokens is None:  # no metrics log (logger.jsonl=false): count one process's tokens from the config
+    logged = last_logged_tokens(run_dir / "metrics.jsonl")
+    if logged is not None:  # input tokens, over all ranks
+        n_tokens = corpus_tokens(cfg, logged)
+    else:  # no metrics log (logger.jsonl=false): count one process's tokens from the config
         t = cfg.trainer
         n_tokens = result["steps"] * t.micro_batch_size * t.grad_accum_steps * lengths_for(cfg).corpus
     return RunPoint(
@@ -124,7 +126,8 @@ def point_from_run(run_dir: Path) -> RunPoint:
 
 
 def last_logged_tokens(metrics_path: Path) -> int | None:
-    """Corpus tokens trained on, over all ranks, from the last training record of metrics.jsonl."""
+    """Input tokens trained on, over all ranks (the trainer's `tokens`), from the last training record of
+    metrics.jsonl; `corpus_tokens` turns them into D."""
     if not metrics_path.is_file():
         return None
     tokens = None

@@ -48,6 +48,14 @@ def lengths_for(cfg: TrainConfig) -> Lengths:
     return Lengths(inputs=seq_len, predicted=seq_len, corpus=seq_len)
 
 
+def corpus_tokens(cfg: TrainConfig, input_tokens: float) -> float:
+    """Corpus tokens (the D of scaling laws) behind `input_tokens` of the trainer's count (its logged `tokens`
+    and tokens/s count inputs): the same for CLM and MLM; for span corruption raw window / inputs times more
+    (568 / 512 at the T5 defaults)."""
+    lengths = lengths_for(cfg)
+    return input_tokens * lengths.corpus / lengths.inputs
+
+
 def linear_parameters(d_in: int, d_out: int, bias: bool) -> int:
     return d_in * d_out + (d_out if bias else 0)
 

@@ -116,6 +116,37 @@ def test_runs_are_read_from_their_directories(tmp_path):
     )
 
 
+def test_span_corruption_runs_count_corpus_tokens_as_d(tmp_path):
+    """The trainer logs input tokens (512 of a 568-token raw window at the T5 defaults); D is the corpus tokens
+    the run read, with or without the metrics log."""
+    from llmtrain.config import to_dataclass
+    from llmtrain.measure.shapes import lengths_for
+
+    write_run(tmp_path / "t5", 1e9, 32, 3.0, steps=10, family="encoder_decoder")
+    config = json.loads((tmp_path / "t5" / "config.json").read_text())
+    config["objective"] = {"name": "span_corruption"}
+    (tmp_path / "t5" / "config.json").write_text(json.dumps(config))
+    lengths = lengths_for(to_dataclass(config))
+    assert lengths.corpus > lengths.inputs == 32
+    logged = 10 * 4 * lengths.inputs  # steps x micro-batch x input tokens, as the trainer logs
+    metrics = tmp_path / "t5" / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 10, "loss": 4.0, "tokens": logged}) + "\n")
+    (point,), _ = load_runs([tmp_path / "t5"])
+    assert point.n_tokens == 10 * 4 * lengths.corpus
+    metrics.unlink()  # logger.jsonl=false: counted from the config, the same D
+    (point,), _ = load_runs([tmp_path / "t5"])
+    assert point.n_tokens == 10 * 4 * lengths.corpus
+    # plot.py --x flops: the logged (input) tokens times FLOPs per input token = the steps' training FLOPs
+    from llmtrain.measure.flops import forward_flops
+    from llmtrain.measure.shapes import model_config_for
+
+    spec = importlib.util.spec_from_file_location("plot", ROOT / "scripts" / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    training = forward_flops(model_config_for(to_dataclass(config)), lengths).training
+    assert plot.flops_per_token(tmp_path / "t5") * logged == pytest.approx(10 * 4 * training, rel=1e-12)
+
+
 def run_script(name, *args, capsys=None):
     """A script's main() in this process (no torch import per call): (exit code, stderr)."""
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
