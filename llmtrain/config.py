@@ -148,7 +148,8 @@ class TrainerConfig:
     global_batch_size: int | None = None
     """Sequences per optimizer step over all ranks; sets grad_accum_steps = global / (micro x ranks)."""
     prefetch: int = 2
-    """Batches made ahead in a background thread (0: made in the training step)."""
+    """Batches made ahead in a background thread (0: made in the training step); at least a step's
+    grad_accum_steps micro-batches when not 0."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device for MFU; 0: the datasheet figure of a known GPU, else a matmul probe."""
     num_threads: int = 0

@@ -29,6 +29,7 @@ from llmtrain.measure.hardware import accelerator_of_device
 from llmtrain.measure.memory import measured_peak_bytes
 from llmtrain.measure.shapes import lengths_for
 from llmtrain.models import build_model, count_parameters
+from llmtrain.models.heads import IGNORE_INDEX
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
 from llmtrain.training.checkpoint import (
     incomplete_checkpoints,
@@ -214,11 +215,13 @@ class Trainer:
         self.eval_micro_batches = min(t.eval_batches * t.grad_accum_steps, self.val_loader.batches_per_epoch)
         self.objective_rng = torch.Generator().manual_seed(cfg.seed + rank)  # each rank masks its own windows
         # windows -> objective -> (pinned) batch, made ahead in a background thread
+        # a step takes its grad_accum_steps micro-batches at once (it counts their labels first): made ahead,
+        # a whole step's worth is ready
         self.batches = Prefetcher(
             self.train_loader,
             self.objective,
             self.objective_rng,
-            t.prefetch,
+            t.prefetch and max(t.prefetch, t.grad_accum_steps),
             pin_memory=self.device.type == "cuda",
         )
 
@@ -422,14 +425,22 @@ class Trainer:
         }
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device)."""
-        accum = self.cfg.trainer.grad_accum_steps
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device).
+
+        The step's loss is the mean over all of its labelled tokens, on every micro-batch and rank, as one large
+        batch would give, not a mean of micro-batch means: MLM labels a different number of tokens in each
+        (as Hugging Face's num_items_in_batch). The count stays on the device: no host sync."""
+        accum, world = self.cfg.trainer.grad_accum_steps, self.dist.world_size
+        batches = [self.to_device(self.batches.next()) for _ in range(accum)]
+        labelled = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in batches]).sum().double()
+        step_targets = all_reduce_sum(labelled).clamp(min=1)  # the ranks' gradients are averaged: x world
         total = torch.zeros((), device=self.device)
-        for micro_step in range(accum):
-            batch = self.to_device(self.batches.next())
+        for micro_step, batch in enumerate(batches):
             with self.gradient_sync(micro_step == accum - 1):
                 with self.autocast():
-                    loss = self.forward_model(**batch).loss / accum
+                    out = self.forward_model(**batch)
+                    # 1 with one micro-batch in one process, 1/accum with equal counts
+                    loss = out.loss * ((out.n_targets * world).double() / step_targets).float()
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:

@@ -224,6 +224,36 @@ def test_fsdp_on_one_device_trains_the_plain_model(tiny_config):
     assert [fsdp.train_step().item() for _ in range(2)] == [plain.train_step().item() for _ in range(2)]
 
 
+def test_gradient_accumulation_weights_every_labelled_token_alike(tiny_config):
+    """MLM labels a different number of tokens in each micro-batch: 2 micro-batches of 4 give the gradient of
+    one batch of 8 (the mean over all its labelled tokens), not the mean of the two micro-batch means."""
+    big = Trainer(tiny_config("encoder", "trainer.micro_batch_size=8", "run_name=big"))
+    small = Trainer(
+        tiny_config("encoder", "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2", "run_name=acc")
+    )
+    small.model.load_state_dict(big.model.state_dict())
+    whole = big.objective(big.train_loader.next_batch(), torch.Generator().manual_seed(0))
+
+    def rows(part: slice) -> dict[str, torch.Tensor]:
+        batch = {k: v[part] for k, v in whole.items() if k != "label_positions"}
+        batch["label_positions"] = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+        return batch
+
+    halves = [rows(slice(0, 4)), rows(slice(4, 8))]
+    assert len(halves[0]["label_positions"]) != len(halves[1]["label_positions"])
+    big.batches.next = lambda: whole
+    small.batches.next = iter(halves).__next__
+    losses = []
+    for t in (big, small):
+        t.cfg.optim.grad_clip = 0.0
+        t.optimizer.step = lambda: None  # keep the gradients to compare
+        t.optimizer.zero_grad = lambda set_to_none=True: None
+        losses.append(t.train_step())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(big.model.parameters(), small.model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager(tiny_config):
     """parallel.compile compiles each block; the training it computes is the eager one."""
