@@ -6,9 +6,10 @@ block and at the root. The model files hold no distributed code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -19,6 +20,7 @@ from torch.distributed.fsdp import (
     fully_shard,
     register_fsdp_forward_method,
 )
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from llmtrain.config import check_shard_size, fsdp_wraps, reshards_after_forward
@@ -111,6 +113,27 @@ def reshard_all(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (2-norm), returning the total norm as a plain tensor. FSDP's gradients
+    are DTensors sharded over the mesh's shard dimension: their norm is taken on the local shards and the
+    squares summed over that dimension with one all-reduce, and they are scaled in place locally, without
+    DTensor's per-op dispatch on the host (a few ms a step on a 12-block model)."""
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads or not all(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    mesh, placements = grads[0].device_mesh, grads[0].placements
+    local = [g.to_local() for g in grads]
+    squares = torch.stack(torch._foreach_norm(local)).double().square().sum()
+    for dim, placement in enumerate(placements):  # replicated dimensions hold the same gradients already
+        if placement.is_shard():
+            dist.all_reduce(squares, group=mesh.get_group(dim))
+    total = squares.sqrt().float()
+    torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
 
 
 def parallelize(model: nn.Module, parallel, info: DistInfo, precision: str) -> nn.Module:

@@ -22,7 +22,7 @@ from llmtrain.data import Corpus, DataError, Tokenizer, load_tokenizer
 from llmtrain.data.mixture import build_loaders, load_corpus
 from llmtrain.data.prefetch import Prefetcher, pinned
 from llmtrain.distributed.env import DistInfo, all_reduce_sum, barrier, init_distributed
-from llmtrain.distributed.parallelize import parallelize, reshard_all
+from llmtrain.distributed.parallelize import clip_grad_norm, parallelize, reshard_all
 from llmtrain.inference.generate import greedy_seq2seq, sample
 from llmtrain.measure.flops import forward_flops, measure_matmul_peak
 from llmtrain.measure.hardware import accelerator_of_device
@@ -446,9 +446,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if hasattr(self.grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
-            self.grad_norm = self.grad_norm.full_tensor()
+        self.grad_norm = clip_grad_norm(self.model.parameters(), clip)
         if self.grad_bytes is None:  # measured once, while the gradients exist
             self.grad_bytes = local_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
         if self.guard_on_device:  # agreed by all ranks; read back at the next log, eval or checkpoint

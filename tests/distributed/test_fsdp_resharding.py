@@ -14,7 +14,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from llmtrain.config import ParallelConfig, fsdp_wraps, reshards_after_forward
-from llmtrain.distributed.parallelize import apply_fsdp, block_lists, block_resharding, reshard_all
+from llmtrain.distributed.parallelize import (
+    apply_fsdp,
+    block_lists,
+    block_resharding,
+    clip_grad_norm,
+    reshard_all,
+)
 from llmtrain.measure.options import strategy_of
 from llmtrain.models import ModelConfig, build_model
 
@@ -113,3 +119,23 @@ def test_reshard_all_frees_what_a_forward_without_backward_left_gathered(one_ran
     assert [isinstance(next(block.parameters()), DTensor) for block in blocks] == [True, True, False]
     reshard_all(model)
     assert all(isinstance(p, DTensor) for p in model.parameters())
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])  # clipped, and left alone
+def test_clip_grad_norm_on_local_shards_equals_torch_on_the_unwrapped_model(one_rank_mesh, max_norm):
+    """clip_grad_norm on FSDP's DTensor gradients: torch's clip_grad_norm_ of the same gradients unwrapped."""
+    torch.manual_seed(0)
+    cfg = ModelConfig("decoder", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
+    model, reference = build_model(cfg), build_model(cfg)
+    reference.load_state_dict(model.state_dict())
+    apply_fsdp(model, one_rank_mesh, "fp32", None)
+    ids = torch.randint(5, 64, (2, 16))
+    for m in (model, reference):
+        m(ids, labels=ids).loss.backward()
+    total = clip_grad_norm(model.parameters(), max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+    assert not isinstance(total, DTensor) and expected > 0.05  # the first case does clip
+    torch.testing.assert_close(total, expected)
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad.full_tensor(), grads[name], msg=name)
