@@ -51,18 +51,21 @@ class Prefetcher:
         batch = self.objective(self.loader.next_batch(), self.rng)
         return {k: pinned(v) for k, v in batch.items()} if self.pin_memory else batch
 
+    def _put(self, item: tuple) -> None:
+        """Into the queue once there is room, or not at all once close() asks the producer to stop."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def _produce(self) -> None:
         try:
             while not self._stop.is_set():
-                item = (self._make(), self._snapshot())
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as err:  # surfaces in the training thread
-            self._queue.put((err, None))
+                self._put((self._make(), self._snapshot()))
+        except BaseException as err:  # surfaces in the training thread (unless close() stops it first)
+            self._put((err, None))
 
     def next(self) -> dict[str, torch.Tensor]:
         if self.depth <= 0:  # synchronous
