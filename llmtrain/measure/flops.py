@@ -135,11 +135,14 @@ def measure_matmul_peak(
     seconds: float = 0.25,
 ) -> float:
     """FLOP/s of back-to-back square matmuls of `size` (default 8192 on CUDA, 1024 on CPU): the honest peak
-    of the device in hand for MFU. A warm-up of half as long first lets the clocks settle."""
+    of the device in hand for MFU. A warm-up of half as long first lets the clocks settle. Its random matrices
+    come from a generator of its own: the trainer probes at its first log, and the global RNG state (dropout's,
+    restored on resume) must not depend on when that is."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     _run_matmuls(a, b, seconds / 2)
     iterations, elapsed = _run_matmuls(a, b, seconds)
     return 2.0 * size**3 * iterations / elapsed

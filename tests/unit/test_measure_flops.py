@@ -149,8 +149,11 @@ def test_peak_table_and_mfu():
 
 
 def test_matmul_probe_measures_a_plausible_cpu_rate():
+    state = torch.get_rng_state()
     rate = measure_matmul_peak(torch.float32, "cpu", size=256, seconds=0.05)
     assert 1e8 < rate < 1e13
+    # the trainer probes at its first log: dropout's RNG stream (restored on resume) must not move
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.gpu
