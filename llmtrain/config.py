@@ -136,7 +136,8 @@ class TrainerConfig:
     keep_last_k: int = 3
     """Complete checkpoints kept in the run directory (at least 2; the newest is never deleted)."""
     time_limit_minutes: float = 0.0
-    """Stop with a checkpoint after this much wall-clock time (0: no limit), as on SIGTERM."""
+    """Stop with a checkpoint after this much wall-clock time since the trainer started (startup and the first
+    evaluation included; 0: no limit), as on SIGTERM."""
     stop_check_interval: int = 1
     """Steps between the ranks' agreement on a stop request (one tiny all-reduce; single process: free)."""
     nonfinite: str = "error"

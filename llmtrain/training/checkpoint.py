@@ -153,8 +153,14 @@ def save_checkpoint(
     rank: int = 0,
     keep_last_k: int = 0,
 ) -> Path:
-    """Collective: every rank calls it at the same step. keep_last_k > 0 prunes older complete checkpoints."""
+    """Collective: every rank calls it at the same step. keep_last_k > 0 prunes older complete checkpoints.
+
+    A complete checkpoint of this step is kept as it is (nothing trained since it was written or loaded: a stop
+    right after a periodic save, a finished run started again); replacing it would leave no complete copy
+    while the new one is moved in."""
     final = checkpoint_dir(run_dir, step)
+    if (final / TRAIN_STATE).is_file():
+        return final
     tmp = run_dir / f".{final.name}.partial"
     if rank == 0:
         for stale in run_dir.glob(".step-*.partial"):  # left by a save that crashed

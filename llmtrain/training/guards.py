@@ -29,9 +29,11 @@ class StopRequest:
     """SIGTERM / SIGINT / SIGUSR1 (e.g. SLURM's warning before preemption) or a wall-clock limit ask the run to
     stop at the next step boundary, after a checkpoint. A second SIGINT exits at once."""
 
-    def __init__(self, time_limit_minutes: float = 0.0):
+    def __init__(self, time_limit_minutes: float = 0.0, since: float | None = None):
+        """since: the time.monotonic() the limit counts from (the trainer's start); default now."""
         self.reason: str | None = None
-        self.deadline = time.monotonic() + time_limit_minutes * 60 if time_limit_minutes > 0 else None
+        start = time.monotonic() if since is None else since
+        self.deadline = start + time_limit_minutes * 60 if time_limit_minutes > 0 else None
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:

@@ -154,6 +154,9 @@ class Trainer:
         self, cfg: TrainConfig, resolved_config: dict[str, Any] | None = None, corpus: Corpus | None = None
     ):
         self.cfg = cfg
+        self.started = (
+            time.monotonic()
+        )  # trainer.time_limit_minutes counts from here: startup is in the slot too
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
@@ -211,8 +214,14 @@ class Trainer:
         raw, batch = self.objective.raw_length, t.micro_batch_size
         pipeline = build_loaders(cfg.data, raw, batch, cfg.seed, rank, world, corpus=self.corpus)
         self.train_loader, self.val_loader = pipeline.train_loader, pipeline.val_loader
-        # an eval batch is a global batch (micro x accumulation x ranks), so every layout evaluates the same windows
-        self.eval_micro_batches = min(t.eval_batches * t.grad_accum_steps, self.val_loader.batches_per_epoch)
+        # an eval batch is a global batch (micro x accumulation x ranks), so every layout evaluates the same windows,
+        # also when the validation split holds fewer than eval_batches of them (whole global batches are taken)
+        global_batches = self.val_loader.batches_per_epoch // t.grad_accum_steps
+        self.eval_micro_batches = (
+            min(t.eval_batches, global_batches) * t.grad_accum_steps
+            if global_batches
+            else self.val_loader.batches_per_epoch  # less than one global batch: what there is
+        )
         self.objective_rng = torch.Generator().manual_seed(cfg.seed + rank)  # each rank masks its own windows
         # windows -> objective -> (pinned) batch, made ahead in a background thread
         # a step takes its grad_accum_steps micro-batches at once (it counts their labels first): made ahead,
@@ -512,6 +521,7 @@ class Trainer:
             "model_config": dataclasses.asdict(self.cfg.model),
             "tokenizer": self.corpus.tokenizer.digest(),  # the ids the weights learned
             "world_size": self.dist.world_size,
+            "skipped": self.guard.skipped,  # non-finite updates skipped so far, against trainer.max_skips
         }
 
     def rank_state(self) -> dict[str, Any]:
@@ -577,6 +587,7 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.guard.skipped = state.get("skipped", 0)
         self.train_loader.load_state_dict(state["loader"])
         rng = read_rank_state(path, self.dist.rank)
         if rng is not None and state["world_size"] == self.dist.world_size:
@@ -622,11 +633,19 @@ class Trainer:
                 total=t.max_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True
             )
         start = time.perf_counter()
-        stop = StopRequest(t.time_limit_minutes)
+        # the stop handlers stay until the run has ended: a signal after the last step (during the final
+        # checkpoint or evaluation) lets the run finish instead of killing it before its checkpoint
+        stop = StopRequest(t.time_limit_minutes, since=self.started)
+        try:
+            return self._finish(stop, progress, result, start)
+        finally:
+            stop.restore()
+
+    def _finish(self, stop: StopRequest, progress, result: dict[str, Any], start: float) -> dict[str, float]:
+        t = self.cfg.trainer
         try:
             stopped = self._loop(stop, progress)
         finally:
-            stop.restore()
             self.batches.close()
             if progress:
                 progress.close()
@@ -641,13 +660,13 @@ class Trainer:
                 self.metrics.close()
             return result
 
+        if t.checkpoint:  # before the final evaluation: a stop asked for during it finds the run saved
+            self.save()
         final = self.evaluate()
         self.write_metrics({"step": self.step, **final})
         self.log_evaluation(final)
         result.update(final, train_seconds=time.perf_counter() - start, steps=self.step)
         result["state_bytes_rank0"] = self.state_bytes()
-        if t.checkpoint:
-            self.save()
         if t.sample_tokens:  # every rank runs it (FSDP forwards are collective); rank 0 prints
             self.log("sample:\n%s", self.sample_text(t.sample_tokens))
         if self.dist.is_main:

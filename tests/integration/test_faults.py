@@ -416,3 +416,57 @@ def test_tampered_or_truncated_checkpoint_is_refused_clearly(tiny_config, tmp_pa
     with pytest.raises(ValueError, match=f"checkpoint {flipped} could not be loaded") as refused:
         load_checkpoint(flipped, trainer.model, trainer.optimizer)
     assert "weights_only" not in str(refused.value), refused.value
+
+
+def test_a_signal_during_the_final_evaluation_lets_the_run_finish(corpus_file, cache_dir, tmp_path):
+    """SIGTERM after the last step (here: during the final evaluation) must not kill the run before its
+    checkpoint: the handlers stay installed until the run ends, and the final checkpoint comes first."""
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path, "decoder") + [
+        "trainer.max_steps=4",
+        "trainer.sample_tokens=0",
+    ]
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from llmtrain.config import to_dataclass
+from llmtrain.training.trainer import Trainer
+from tests.conftest import compose_config
+trainer = Trainer(to_dataclass(compose_config({overrides!r})))
+evaluate, calls = trainer.evaluate, []
+def signalled_final_evaluation():
+    calls.append(1)
+    if len(calls) == 2:  # the first evaluation is the initial one
+        os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate()
+trainer.evaluate = signalled_final_evaluation
+trainer.fit()
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "decoder-test"
+    assert latest_checkpoint(run_dir).name == "step-0000004"
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 4
+
+
+def test_saving_again_at_a_saved_step_keeps_the_checkpoint(tiny_config):
+    """A stop right after a periodic save, or a finished run started again, saves at a step that has a
+    complete checkpoint: it stays as it is (replacing it left no complete copy while the new one moved in)."""
+    trainer = Trainer(tiny_config("decoder", "trainer.max_steps=3", "trainer.sample_tokens=0"))
+    trainer.fit()
+    final = latest_checkpoint(trainer.run_dir)
+    inode = final.stat().st_ino
+    assert trainer.save() == final
+    assert final.stat().st_ino == inode and latest_checkpoint(trainer.run_dir) == final
+
+
+def test_skipped_updates_count_across_a_resume(tiny_config):
+    """trainer.max_skips counts the whole run: the skips before a checkpoint come back with it."""
+    overrides = ("trainer.nonfinite=skip", "trainer.max_skips=2", "trainer.sample_tokens=0")
+    first = Trainer(tiny_config("decoder", "trainer.max_steps=6", *overrides))
+    nan_at(first, {3})
+    first.fit()
+    assert first.guard.skipped == 1
+    resumed = Trainer(tiny_config("decoder", "trainer.max_steps=12", *overrides))
+    assert resumed.step == 6 and resumed.guard.skipped == 1

@@ -366,3 +366,19 @@ def test_document_attention_trains_every_family(tiny_config, model):
     assert batch["document_ids"].max() >= 1  # some windows hold more than one document
     result = trainer.fit()
     assert result["val_loss"] < result["initial_val_loss"] - 1.0, result
+
+
+def test_every_layout_evaluates_the_same_windows_when_the_split_is_short(tiny_config):
+    """eval_batches beyond the validation split: whole global batches are taken, the same windows for one
+    micro-batch of 8 or two of 4 (counting micro-batches let the second layout take more)."""
+    layouts = [("trainer.micro_batch_size=8",), ("trainer.micro_batch_size=4", "trainer.grad_accum_steps=2")]
+    trainers = [
+        Trainer(tiny_config("decoder", "trainer.eval_batches=100000", f"run_name=l{i}", *layout))
+        for i, layout in enumerate(layouts)
+    ]
+    windows = [t.eval_micro_batches * t.cfg.trainer.micro_batch_size for t in trainers]
+    assert windows[0] == windows[1] and windows[0] % 8 == 0
+    assert windows[0] > 8 * 2  # more than the default eval_batches: the split, in whole global batches
+    trainers[1].model.load_state_dict(trainers[0].model.state_dict())
+    first, second = (t.evaluate()["val_loss"] for t in trainers)
+    assert first == pytest.approx(second, rel=1e-6)

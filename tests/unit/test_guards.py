@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -45,6 +46,15 @@ def test_time_limit():
     never = StopRequest()
     never.restore()
     assert not never.local()
+    # counted from the trainer's start (startup is in the job's slot too), not from the loop's
+    late = StopRequest(time_limit_minutes=1.0, since=time.monotonic() - 61)
+    try:
+        assert late.local() and late.reason == "time limit"
+    finally:
+        late.restore()
+    fresh = StopRequest(time_limit_minutes=1.0, since=time.monotonic())
+    fresh.restore()
+    assert not fresh.local()
 
 
 def test_nonfinite_guard_error_names_the_step():
