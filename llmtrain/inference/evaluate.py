@@ -12,6 +12,7 @@ from torch import nn
 
 from llmtrain.data import WindowLoader
 from llmtrain.models import IGNORE_INDEX
+from llmtrain.objectives.evaluation import evaluation_batch
 
 LN2 = math.log(2)
 
@@ -35,8 +36,9 @@ def evaluate_loader(
     model: nn.Module, objective, loader, token_bytes: torch.Tensor, n_batches: int, seed: int
 ) -> dict[str, float]:
     """Over the first n_batches batches of a validation loader (a WindowLoader, or the MixtureLoader of
-    data.mixture), from its start, with the objective's randomness seeded as the trainer's evaluation seeds
-    it (seed + 1), so the figures match the trainer's val_* at equal batches.
+    data.mixture), from its start, with the objective's randomness seeded per window as the trainer's
+    evaluation seeds it (`evaluation_batch`, seed + 1), so the figures match the trainer's val_* over the same
+    windows.
 
     bits per byte = summed nats / ln 2 / UTF-8 bytes of the predicted tokens.
     """
@@ -44,11 +46,12 @@ def evaluate_loader(
     device = next(model.parameters()).device
     loader.load_state_dict({"epoch": 0, "windows": 0})  # from the top, as the trainer's evaluation
     n_batches = min(n_batches, loader.batches_per_epoch)
-    rng = torch.Generator().manual_seed(seed + 1)
     nats, targets, n_bytes, correct = 0.0, 0, 0, 0
     start = time.perf_counter()
     for _ in range(n_batches):
-        batch = {k: v.to(device) for k, v in objective(loader.next_batch(), rng).items()}
+        batch = {
+            k: v.to(device) for k, v in evaluation_batch(objective, loader.next_batch(), seed + 1).items()
+        }
         out = model(**batch)
         labels = batch["labels"]
         selected = labels != IGNORE_INDEX

@@ -31,6 +31,7 @@ from llmtrain.measure.shapes import lengths_for
 from llmtrain.models import build_model, count_parameters
 from llmtrain.models.heads import IGNORE_INDEX
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
+from llmtrain.objectives.evaluation import evaluation_batch
 from llmtrain.training.checkpoint import (
     incomplete_checkpoints,
     latest_checkpoint,
@@ -405,17 +406,18 @@ class Trainer:
         """Loss, perplexity and bits per byte over the first eval_batches of the validation split.
 
         bits per byte = summed nats / ln 2 / UTF-8 bytes of the predicted tokens, so runs with different
-        tokenizers compare. The objective's randomness (MLM masks, spans) is fixed for every evaluation.
+        tokenizers compare. The objective's randomness (MLM masks, spans) is fixed for every evaluation, and is
+        each window's own (`evaluation_batch`): every layout of the same global batch gives the same figures.
         """
         self.guard.check()  # never evaluate (or save) weights of a run that should have stopped
         self.model.eval()
-        rng = torch.Generator().manual_seed(self.cfg.seed + 1 + self.dist.rank)
         self.val_loader.load_state_dict({"epoch": 0, "windows": 0})
         nats = torch.zeros((), device=self.device, dtype=torch.float64)
         targets = torch.zeros((), device=self.device, dtype=torch.long)
         n_bytes = torch.zeros((), device=self.device, dtype=torch.long)
         for _ in range(self.eval_micro_batches):
-            batch = self.to_device(self.objective(self.val_loader.next_batch(), rng))
+            windows = self.val_loader.next_batch()
+            batch = self.to_device(evaluation_batch(self.objective, windows, self.cfg.seed + 1))
             with self.autocast():
                 out = self.model(**batch)
             nats += out.loss.double() * out.n_targets

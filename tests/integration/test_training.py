@@ -382,3 +382,15 @@ def test_every_layout_evaluates_the_same_windows_when_the_split_is_short(tiny_co
     trainers[1].model.load_state_dict(trainers[0].model.state_dict())
     first, second = (t.evaluate()["val_loss"] for t in trainers)
     assert first == pytest.approx(second, rel=1e-6)
+
+
+@pytest.mark.parametrize("model", ["encoder", "encoder_decoder"])
+def test_evaluation_is_the_same_in_every_layout(tiny_config, model):
+    """MLM's selection and the spans are drawn per window (seeded by its tokens), not per micro-batch or rank:
+    one micro-batch of 8 and two of 4 give the same validation figures with the same weights."""
+    layouts = [("trainer.micro_batch_size=8",), ("trainer.micro_batch_size=4", "trainer.grad_accum_steps=2")]
+    trainers = [Trainer(tiny_config(model, f"run_name=l{i}", *layout)) for i, layout in enumerate(layouts)]
+    trainers[1].model.load_state_dict(trainers[0].model.state_dict())
+    first, second = (t.evaluate() for t in trainers)
+    assert first["val_loss"] == pytest.approx(second["val_loss"], rel=1e-6)
+    assert first["val_bpb"] == pytest.approx(second["val_bpb"], rel=1e-6)
