@@ -118,11 +118,20 @@ def prepare_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(tokenizer, splits["train"], splits["val"], tokenizer_path)
 
 
+def epoch_batches(windows: int, global_micro_batch: int, steps_of: int) -> int:
+    """Micro-batches per rank in an epoch of `windows`: whole optimizer steps of `steps_of` micro-batches of
+    `global_micro_batch` windows (all ranks), or, with fewer windows than one step, whole micro-batches."""
+    steps = windows // (global_micro_batch * steps_of)
+    return steps * steps_of if steps else windows // global_micro_batch
+
+
 class WindowLoader:
     """Non-overlapping windows of raw_length tokens, reshuffled every epoch by a seeded permutation.
 
     Its position (epoch, index) is part of a checkpoint, so a resumed run sees the same batches. With
-    world_size > 1, rank r takes every world_size-th window of the same permutation.
+    world_size > 1, rank r takes every world_size-th window of the same permutation. An epoch is a whole
+    number of optimizer steps of `steps_of` micro-batches (gradient accumulation), so it ends at the same
+    window in every layout of the same global batch (a resume at another world size follows the same order).
     """
 
     def __init__(
@@ -135,6 +144,7 @@ class WindowLoader:
         rank: int = 0,
         world_size: int = 1,
         name: str = "train",
+        steps_of: int = 1,
     ):
         self.tokens, self.raw_length, self.batch_size = tokens, raw_length, batch_size
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
@@ -145,7 +155,7 @@ class WindowLoader:
                 f"{batch_size * world_size} windows x {raw_length} tokens; add data or lower data.seq_len / "
                 "trainer.micro_batch_size"
             )
-        self.batches_per_epoch = self.n_windows // (batch_size * world_size)
+        self.batches_per_epoch = epoch_batches(self.n_windows, batch_size * world_size, steps_of)
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from llmtrain.data.loader import Corpus, WindowLoader, prepare_corpus
+from llmtrain.data.loader import Corpus, WindowLoader, epoch_batches, prepare_corpus
 from llmtrain.data.sources import DataError
 from llmtrain.data.tokenizer import load_tokenizer
 
@@ -85,7 +85,9 @@ class MixtureLoader:
         rank: int = 0,
         world_size: int = 1,
         name: str = "train",
+        steps_of: int = 1,
     ):
+        """steps_of: micro-batches per optimizer step; an epoch is a whole number of steps (`epoch_batches`)."""
         if not sources:
             raise DataError("data.mixture is empty; list at least one source")
         self.sources, self.raw_length, self.batch_size = list(sources), raw_length, batch_size
@@ -103,7 +105,7 @@ class MixtureLoader:
                 )
         self.global_batch = batch_size * world_size
         total = sum(s.n_windows for s in self.sources)
-        self.batches_per_epoch = total // self.global_batch
+        self.batches_per_epoch = epoch_batches(total, self.global_batch, steps_of)
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"data: the {name} mixture has {total} windows, fewer than one batch of {self.global_batch}; add data "
@@ -269,6 +271,7 @@ def build_loaders(
     world_size: int = 1,
     corpus: Corpus | None = None,
     train: bool = True,
+    steps_of: int = 1,
 ) -> DataPipeline:
     """Corpus, train loader and val loader for a data config (llmtrain.config.DataConfig); train=False: the
     val loader only (evaluation: the train split need not hold a batch), train_loader None.
@@ -276,6 +279,7 @@ def build_loaders(
     With `data.mixture` (a list of entries with path, weight, name, max_epochs) both loaders are MixtureLoaders
     over the sources' train / val splits; every source must have been made with the same tokenizer. Otherwise
     they are WindowLoaders over `corpus` (load_corpus(data) when not given: data.shards or prepare_corpus).
+    steps_of (trainer.grad_accum_steps): the training loader's epochs are whole optimizer steps.
     """
     mixture = getattr(data, "mixture", None)
     if mixture:
@@ -291,7 +295,9 @@ def build_loaders(
         loader = None
         if train:
             sources, _ = _mixture_sources(mixture, "train", expected)
-            loader = MixtureLoader(sources, raw_length, batch_size, seed, rank=rank, world_size=world_size)
+            loader = MixtureLoader(
+                sources, raw_length, batch_size, seed, rank=rank, world_size=world_size, steps_of=steps_of
+            )
             log.info("%s", loader.describe())
         val = MixtureLoader(
             val_sources,
@@ -306,7 +312,9 @@ def build_loaders(
         return DataPipeline(corpus, loader, val)
     corpus = corpus or load_corpus(data)
     loader = (
-        WindowLoader(corpus.train, raw_length, batch_size, seed, rank=rank, world_size=world_size)
+        WindowLoader(
+            corpus.train, raw_length, batch_size, seed, rank=rank, world_size=world_size, steps_of=steps_of
+        )
         if train
         else None
     )

@@ -213,7 +213,9 @@ class Trainer:
         self.token_bytes = tok.token_bytes().to(self.device)
 
         raw, batch = self.objective.raw_length, t.micro_batch_size
-        pipeline = build_loaders(cfg.data, raw, batch, cfg.seed, rank, world, corpus=self.corpus)
+        pipeline = build_loaders(
+            cfg.data, raw, batch, cfg.seed, rank, world, corpus=self.corpus, steps_of=t.grad_accum_steps
+        )
         self.train_loader, self.val_loader = pipeline.train_loader, pipeline.val_loader
         # an eval batch is a global batch (micro x accumulation x ranks), so every layout evaluates the same windows,
         # also when the validation split holds fewer than eval_batches of them (whole global batches are taken)

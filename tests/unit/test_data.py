@@ -282,3 +282,23 @@ def test_window_loader_ranks_are_disjoint():
 def test_window_loader_too_little_data():
     with pytest.raises(DataError, match="the train split has 50 tokens"):
         WindowLoader(np.zeros(50, dtype=np.uint16), raw_length=10, batch_size=8, seed=0)
+
+
+def test_an_epoch_ends_at_the_same_window_in_every_layout_of_a_global_batch():
+    """40 windows, global batch 16: 2 ranks x 8 and 1 rank x 8 x 2 accumulated take the same windows in every
+    step across epoch boundaries (the epoch is 2 whole steps; in micro-batches one rank would take 40)."""
+    tokens = np.arange(40 * 4, dtype=np.uint32)
+
+    def steps(world: int, accum: int, n: int = 7) -> list[set[int]]:
+        loaders = [
+            WindowLoader(tokens, 4, 8, seed=3, rank=r, world_size=world, steps_of=accum) for r in range(world)
+        ]
+        out = []
+        for _ in range(n):
+            batch = [loader.next_batch() for _ in range(accum) for loader in loaders]
+            out.append(set(torch.cat(batch)[:, 0].tolist()))
+        return out
+
+    two_ranks, accumulated = steps(2, 1), steps(1, 2)
+    assert two_ranks == accumulated
+    assert all(len(step) == 16 for step in accumulated)
