@@ -9,6 +9,7 @@ from llmtrain.objectives.documents import document_ids
 
 class CausalLM:
     family = "decoder"
+    random = False  # the same batch whatever the generator (evaluation_batch need not go window by window)
 
     def __init__(self, seq_len: int, document_eos_id: int | None = None):
         """document_eos_id: emit `document_ids` (documents end with this token) for document-aware attention."""

@@ -154,16 +154,15 @@ def save_checkpoint(
     keep_last_k: int = 0,
 ) -> Path:
     """Collective: every rank calls it at the same step. keep_last_k > 0 prunes older complete checkpoints.
-
-    A complete checkpoint of this step is kept as it is (nothing trained since it was written or loaded: a stop
-    right after a periodic save, a finished run started again); replacing it would leave no complete copy
-    while the new one is moved in."""
+    A folder already at this step (an incomplete one, or a resumed run's older save) is moved aside before the
+    new one moves in, and deleted after."""
     final = checkpoint_dir(run_dir, step)
-    if (final / TRAIN_STATE).is_file():
-        return final
     tmp = run_dir / f".{final.name}.partial"
     if rank == 0:
-        for stale in run_dir.glob(".step-*.partial"):  # left by a save that crashed
+        for stale in [
+            *run_dir.glob(".step-*.partial"),
+            *run_dir.glob(".step-*.replaced"),
+        ]:  # a crashed save's
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
@@ -178,9 +177,12 @@ def save_checkpoint(
     barrier()
     if rank == 0:  # written last: a folder with train_state.pt has everything else
         torch.save(train_state, tmp / TRAIN_STATE)
+        replaced = run_dir / f".{final.name}.replaced"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         if keep_last_k:
             prune_checkpoints(run_dir, keep_last_k)
     barrier()

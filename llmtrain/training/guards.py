@@ -32,6 +32,8 @@ class StopRequest:
     def __init__(self, time_limit_minutes: float = 0.0, since: float | None = None):
         """since: the time.monotonic() the limit counts from (the trainer's start); default now."""
         self.reason: str | None = None
+        self.training_over = False
+        """Set after the last step: a signal then lets the final checkpoint and evaluation finish."""
         start = time.monotonic() if since is None else since
         self.deadline = start + time_limit_minutes * 60 if time_limit_minutes > 0 else None
         self._previous: dict[int, object] = {}
@@ -45,6 +47,13 @@ class StopRequest:
             log.error("second SIGINT: exiting now, without a checkpoint")
             os._exit(130)
         self.reason = self.reason or name
+        if self.training_over:
+            log.warning(
+                "%s received after the last step: finishing the final checkpoint and evaluation (SIGINT again "
+                "exits at once)",
+                name,
+            )
+            return
         log.warning(
             "%s received: stopping after this step with a checkpoint (SIGINT again exits at once)", name
         )

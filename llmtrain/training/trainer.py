@@ -33,6 +33,7 @@ from llmtrain.models.heads import IGNORE_INDEX
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
 from llmtrain.objectives.evaluation import evaluation_batch
 from llmtrain.training.checkpoint import (
+    checkpoint_dir,
     incomplete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -263,6 +264,7 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.step, self.tokens_seen = 0, 0
+        self.checkpointed_step: int | None = None  # the step of the checkpoint saved or loaded last
         self.grad_bytes: int | None = None
         self._peak_flops: float | None = None
         self.guard = NonFiniteGuard(t.nonfinite, t.max_skips, check_grad_norm=self.precision != "fp16")
@@ -535,7 +537,14 @@ class Trainer:
         return rng
 
     def save(self) -> Path:
+        """A checkpoint of this step; none when this process saved or loaded one at this step already (a stop
+        right after a periodic save, a finished run started again): nothing trained since. Decided from this
+        process's own record, the same on every rank."""
         self.guard.check()
+        if self.checkpointed_step == self.step:
+            path = checkpoint_dir(self.run_dir, self.step)
+            self.log("checkpoint: %s (saved at this step already)", path)
+            return path
         path = save_checkpoint(
             self.run_dir,
             self.step,
@@ -546,6 +555,7 @@ class Trainer:
             self.dist.rank,
             keep_last_k=self.cfg.trainer.keep_last_k,
         )
+        self.checkpointed_step = self.step
         self.log("checkpoint: %s", path)
         return path
 
@@ -591,6 +601,7 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.checkpointed_step = self.step
         self.guard.skipped = state.get("skipped", 0)
         self.train_loader.load_state_dict(state["loader"])
         rng = read_rank_state(path, self.dist.rank)
@@ -653,6 +664,7 @@ class Trainer:
             self.batches.close()
             if progress:
                 progress.close()
+        stop.training_over = True
         if stopped:
             self.save()
             self.log(

@@ -461,6 +461,20 @@ def test_saving_again_at_a_saved_step_keeps_the_checkpoint(tiny_config):
     assert final.stat().st_ino == inode and latest_checkpoint(trainer.run_dir) == final
 
 
+def test_a_step_folder_without_its_metadata_is_saved_again(tiny_config):
+    """A step folder that lacks DCP's .metadata is incomplete (resume skips it): the run trains back to that
+    step and must save it again, whole, not take the folder for done."""
+    overrides = ("trainer.max_steps=3", "trainer.sample_tokens=0")
+    Trainer(tiny_config("decoder", *overrides)).fit()
+    step = checkpoint_module.checkpoint_dir(Trainer(tiny_config("decoder", *overrides)).run_dir, 3)
+    (step / ".metadata").unlink()
+    again = Trainer(tiny_config("decoder", *overrides))
+    assert again.step == 0  # nothing complete to resume from
+    again.fit()
+    assert latest_checkpoint(again.run_dir) == step and (step / ".metadata").is_file()
+    assert not list(again.run_dir.glob(".step-*"))  # no leftover partial or replaced folder
+
+
 def test_skipped_updates_count_across_a_resume(tiny_config):
     """trainer.max_skips counts the whole run: the skips before a checkpoint come back with it."""
     overrides = ("trainer.nonfinite=skip", "trainer.max_skips=2", "trainer.sample_tokens=0")

@@ -133,3 +133,14 @@ def test_fused_adamw_found_inf_skips_the_update_and_the_step_count():
         assert torch.equal(v, before[k])
     for p, m in zip(model.parameters(), moments):
         assert torch.equal(opt.state[p]["exp_avg"], m) and opt.state[p]["step"].item() == 1
+
+
+def test_a_signal_after_the_last_step_says_the_run_is_finishing(caplog):
+    stop = StopRequest()
+    try:
+        stop.training_over = True
+        stop._handle(signal.SIGTERM, None)
+    finally:
+        stop.restore()
+    assert stop.reason == "SIGTERM" and "after the last step" in caplog.text
+    assert "stopping after this step" not in caplog.text
