@@ -279,7 +279,7 @@ def build_loaders(
     With `data.mixture` (a list of entries with path, weight, name, max_epochs) both loaders are MixtureLoaders
     over the sources' train / val splits; every source must have been made with the same tokenizer. Otherwise
     they are WindowLoaders over `corpus` (load_corpus(data) when not given: data.shards or prepare_corpus).
-    steps_of (trainer.grad_accum_steps): the training loader's epochs are whole optimizer steps.
+    steps_of (trainer.grad_accum_steps): both loaders' epochs are whole optimizer steps (`epoch_batches`).
     """
     mixture = getattr(data, "mixture", None)
     if mixture:
@@ -308,6 +308,7 @@ def build_loaders(
             rank=rank,
             world_size=world_size,
             name="validation",
+            steps_of=steps_of,
         )
         return DataPipeline(corpus, loader, val)
     corpus = corpus or load_corpus(data)
@@ -327,6 +328,7 @@ def build_loaders(
         rank=rank,
         world_size=world_size,
         name="validation",
+        steps_of=steps_of,
     )
     return DataPipeline(corpus, loader, val)
 

@@ -109,12 +109,11 @@ def point_from_run(run_dir: Path) -> RunPoint:
     budget = cfg.trainer.max_flops
     if not budget or budget <= 0:
         raise ScalingError(f"{run_dir} has no positive compute budget (trainer.max_flops={budget})")
-    logged = last_logged_tokens(run_dir / "metrics.jsonl")
-    if logged is not None:  # input tokens, over all ranks
-        n_tokens = corpus_tokens(cfg, logged)
-    else:  # no metrics log (logger.jsonl=false): count one process's tokens from the config
+    inputs = last_logged_tokens(run_dir / "metrics.jsonl")  # over all ranks
+    if inputs is None:  # no metrics log (logger.jsonl=false): count one process's tokens from the config
         t = cfg.trainer
-        n_tokens = result["steps"] * t.micro_batch_size * t.grad_accum_steps * lengths_for(cfg).corpus
+        inputs = result["steps"] * t.micro_batch_size * t.grad_accum_steps * lengths_for(cfg).inputs
+    n_tokens = corpus_tokens(cfg, inputs)
     return RunPoint(
         budget=float(budget),
         n_params=float(parameter_count(model_config_for(cfg))),

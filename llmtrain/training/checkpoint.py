@@ -159,11 +159,12 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     tmp = run_dir / f".{final.name}.partial"
     if rank == 0:
-        for stale in [
+        stale = [
             *run_dir.glob(".step-*.partial"),
             *run_dir.glob(".step-*.replaced"),
-        ]:  # a crashed save's
-            shutil.rmtree(stale, ignore_errors=True)
+        ]  # left by a crashed save
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     with warnings.catch_warnings():  # one process without a process group is a supported case

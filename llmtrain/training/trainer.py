@@ -156,9 +156,8 @@ class Trainer:
         self, cfg: TrainConfig, resolved_config: dict[str, Any] | None = None, corpus: Corpus | None = None
     ):
         self.cfg = cfg
-        self.started = (
-            time.monotonic()
-        )  # trainer.time_limit_minutes counts from here: startup is in the slot too
+        # trainer.time_limit_minutes counts from here: startup is in the job's slot too
+        self.started = time.monotonic()
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
@@ -218,14 +217,9 @@ class Trainer:
             cfg.data, raw, batch, cfg.seed, rank, world, corpus=self.corpus, steps_of=t.grad_accum_steps
         )
         self.train_loader, self.val_loader = pipeline.train_loader, pipeline.val_loader
-        # an eval batch is a global batch (micro x accumulation x ranks), so every layout evaluates the same windows,
-        # also when the validation split holds fewer than eval_batches of them (whole global batches are taken)
-        global_batches = self.val_loader.batches_per_epoch // t.grad_accum_steps
-        self.eval_micro_batches = (
-            min(t.eval_batches, global_batches) * t.grad_accum_steps
-            if global_batches
-            else self.val_loader.batches_per_epoch  # less than one global batch: what there is
-        )
+        # an eval batch is a global batch (micro x accumulation x ranks) and the val loader's epoch whole global
+        # batches (steps_of), so every layout evaluates the same windows, a short split included
+        self.eval_micro_batches = min(t.eval_batches * t.grad_accum_steps, self.val_loader.batches_per_epoch)
         self.objective_rng = torch.Generator().manual_seed(cfg.seed + rank)  # each rank masks its own windows
         # windows -> objective -> (pinned) batch, made ahead in a background thread
         # a step takes its grad_accum_steps micro-batches at once (it counts their labels first): made ahead,
@@ -657,6 +651,8 @@ class Trainer:
             stop.restore()
 
     def _finish(self, stop: StopRequest, progress, result: dict[str, Any], start: float) -> dict[str, float]:
+        """fit's training loop and ending (a stop's checkpoint, or the final checkpoint, evaluation and sample),
+        under `stop`'s signal handlers."""
         t = self.cfg.trainer
         try:
             stopped = self._loop(stop, progress)

@@ -55,6 +55,10 @@ def hf_variants() -> dict[str, nn.Module]:
     llama = dict(
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
     )
+    bert = dict(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
     t5 = dict(
         vocab_size=V, d_model=32, d_kv=6, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=20, tie_word_embeddings=False,
@@ -86,32 +90,9 @@ def hf_variants() -> dict[str, nn.Module]:
                 max_position_embeddings=64,
             )
         ),  # fmt: skip
-        "bert": lambda: t.BertForMaskedLM(
-            t.BertConfig(
-                vocab_size=V,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=64,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            )
-        ),  # fmt: skip
+        "bert": lambda: t.BertForMaskedLM(t.BertConfig(**bert)),
         # untied: transformers 5's forward reads cls.predictions.decoder.bias, not cls.predictions.bias
-        "bert-untied": lambda: t.BertForMaskedLM(
-            t.BertConfig(
-                vocab_size=V,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=64,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-                tie_word_embeddings=False,
-            )
-        ),  # fmt: skip
+        "bert-untied": lambda: t.BertForMaskedLM(t.BertConfig(**bert, tie_word_embeddings=False)),
         "t5": lambda: t.T5ForConditionalGeneration(t.T5Config(**t5, feed_forward_proj="gated-gelu")),
         "t5-gated-silu": lambda: t.T5ForConditionalGeneration(
             t.T5Config(**t5, feed_forward_proj="gated-silu")
