@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
+import importlib
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("llmtrain")
 
 
 @dataclass
@@ -24,6 +32,19 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+# Modules with functions whose default argument is `group=dist.group.WORLD` bind the group that exists when they are
+# first imported, and keep it past destroy_process_group: its gloo threads then live into interpreter exit, where
+# freeing them can abort a run that ended well ("terminate called without an active exception", SIGABRT). The
+# trainer imports them after the group exists (the optimizer's constructor imports torch._dynamo, which imports
+# torch.distributed.nn.functional; ZeRO-1 and FSDP import the other two), so init_distributed imports them first.
+BIND_WORLD_AT_IMPORT = (
+    "torch._dynamo",
+    "torch.distributed.nn.functional",
+    "torch.distributed.optim",  # ZeroRedundancyOptimizer's _broadcast_object
+    "torch.distributed.fsdp",  # ShardedGradScaler
+)
 
 
 def launched_by_torchrun() -> bool:
@@ -54,6 +75,8 @@ def init_distributed(
     if not (torchrun or need_group):
         return DistInfo(device=dev)
     if not dist.is_initialized():
+        for module in BIND_WORLD_AT_IMPORT:
+            importlib.import_module(module)
         backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if use_cuda else "gloo"
         if use_cuda:  # surface NCCL errors as exceptions instead of hangs
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -80,5 +103,59 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    """Destroy every process group; a group's gloo threads still alive after it are logged as a warning (they can
+    abort the interpreter at exit; see BIND_WORLD_AT_IMPORT)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        clear_dtensor_caches()
+        gc.collect()  # a finished trainer's reference cycles (its DeviceMesh, hooks) still hold groups
+        if left := gloo_threads():
+            log.warning(
+                "%d gloo threads outlived destroy_process_group (something still holds a group: a module "
+                "imported after it was made, a cache); the process may abort at exit",
+                left,
+            )
+
+
+def clear_dtensor_caches() -> None:
+    """Empty the caches of torch.distributed.tensor (sharding propagation, redistribute plans, mesh topology): their
+    keys and values hold every DeviceMesh used, and so its groups, for the life of the process."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import DTensor
+
+    propagator = getattr(getattr(DTensor, "_op_dispatcher", None), "sharding_propagator", None)
+    per_thread = getattr(propagator, "propagate_op_sharding", None)
+    if hasattr(per_thread, "cache_clear"):
+        per_thread.cache_clear()  # a cache per thread: this is the main thread's, where FSDP's ops run
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("torch.distributed.tensor") or module is None:
+            continue
+        for value in list(vars(module).values()):  # cached functions, and classes' cached (static) methods
+            members = [getattr(value, attr, None) for attr in vars(value)] if isinstance(value, type) else []
+            for member in [value, *members]:
+                if isinstance(member, functools._lru_cache_wrapper):
+                    member.cache_clear()
+    redistribute = sys.modules.get("torch.distributed.tensor._redistribute")
+    clear_planners = getattr(redistribute, "clear_redistribute_planner_cache", None) or getattr(
+        getattr(redistribute, "_planner_cache", None), "clear", None
+    )  # a plain dict (torch 2.11 has no function to clear it)
+    if clear_planners:
+        clear_planners()
+    clear_native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)  # the C++ fast path's
+    if clear_native:
+        clear_native()
+
+
+def gloo_threads() -> int:
+    """Threads of this process named by gloo (Linux; 0 where /proc has no thread names)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return 0
+    count = 0
+    for task in tasks.iterdir():
+        try:
+            count += "gloo" in (task / "comm").read_text()
+        except OSError:  # a thread that ended while being counted
+            continue
+    return count

@@ -31,6 +31,7 @@ def launch(nproc: int, overrides: list[str], timeout: int = 240) -> subprocess.C
         cmd.append(str(ROOT / "scripts" / "train.py"))
     proc = subprocess.run(cmd + overrides, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "outlived destroy_process_group" not in proc.stderr  # threads that can abort the exit (test_exit)
     return proc
 
 
