@@ -266,8 +266,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
+    try:
+        benchmark(parse_args())
+    finally:  # also after a failed benchmark: a process group alive at interpreter exit can abort it
+        destroy()
 
+
+def benchmark(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peaks = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -311,7 +316,6 @@ def main() -> None:
                         "(a busy or throttled machine while it ran); compare against a quiet run",
                         flush=True,
                     )
-    destroy()
     if main_rank:
         Path(args.json).write_text(
             json.dumps({"peaks": peaks, "results": [asdict(r) for r in results]}, indent=1)

@@ -21,10 +21,8 @@ from llmtrain.training.guards import NonFiniteError
 register_configs()
 
 
-@record
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def main(dict_cfg: DictConfig) -> None:
-    setup_logging()
+def train(dict_cfg: DictConfig) -> int:
+    """Train; an expected failure prints one `error:` line and gives the exit code."""
     try:
         resolved = OmegaConf.to_container(dict_cfg, resolve=True)
         cfg = to_dataclass(dict_cfg)
@@ -34,18 +32,31 @@ def main(dict_cfg: DictConfig) -> None:
         Trainer(cfg, resolved_config=resolved).fit()
     except (ConfigError, ModelConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except NonFiniteError as err:  # the guard's verdict, naming the step (trainer.nonfinite)
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except OSError as err:  # e.g. a full disk: a save that fails leaves only its .partial folder
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:  # outside the training loop (which checkpoints and exits 0 on SIGINT)
         print("error: interrupted before training started or while it finished", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    return 0
+
+
+@record
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    setup_logging()
+    try:
+        code = train(dict_cfg)
     finally:
-        destroy()  # an undestroyed process group can abort the interpreter at exit
+        # after train() has returned, so an error's traceback no longer holds the trainer and its process groups:
+        # a group still alive at interpreter exit can abort it (see llmtrain.distributed.env.destroy)
+        destroy()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ class DistInfo:
 
 # Modules with functions whose default argument is `group=dist.group.WORLD` bind the group that exists when they are
 # first imported, and keep it past destroy_process_group: its gloo threads then live into interpreter exit, where
-# freeing them can abort a run that ended well ("terminate called without an active exception", SIGABRT). The
-# trainer imports them after the group exists (the optimizer's constructor imports torch._dynamo, which imports
-# torch.distributed.nn.functional; ZeRO-1 and FSDP import the other two), so init_distributed imports them first.
+# freeing them can abort a run that ended well ("terminate called without an active exception", SIGABRT).
+# init_distributed imports them before it makes the group: the trainer imports the first two (through
+# parallelize) before its group, but ZeRO-1 imports torch.distributed.optim after it, and any script whose optimizer
+# comes first imports torch._dynamo (and with it torch.distributed.nn.functional) after it.
 BIND_WORLD_AT_IMPORT = (
     "torch._dynamo",
     "torch.distributed.nn.functional",
@@ -119,22 +120,32 @@ def destroy() -> None:
 
 def clear_dtensor_caches() -> None:
     """Empty the caches of torch.distributed.tensor (sharding propagation, redistribute plans, mesh topology): their
-    keys and values hold every DeviceMesh used, and so its groups, for the life of the process."""
+    keys and values hold every DeviceMesh used, and so its groups, for the life of the process. Best effort: these
+    are torch internals, and a failure here must not hide the error a failing run is ending with."""
     if "torch.distributed.tensor" not in sys.modules:
         return
+    try:
+        _clear_dtensor_caches()
+    except Exception as err:  # cleanup on the way out
+        log.debug("DTensor caches not cleared: %s", err)
+
+
+def _clear_dtensor_caches() -> None:
     from torch.distributed.tensor import DTensor
 
     propagator = getattr(getattr(DTensor, "_op_dispatcher", None), "sharding_propagator", None)
     per_thread = getattr(propagator, "propagate_op_sharding", None)
     if hasattr(per_thread, "cache_clear"):
-        per_thread.cache_clear()  # a cache per thread: this is the main thread's, where FSDP's ops run
+        per_thread.cache_clear()  # a cache per thread: this is the main thread's, where FSDP's ops run on CPU
     for name, module in list(sys.modules.items()):
         if not name.startswith("torch.distributed.tensor") or module is None:
             continue
         for value in list(vars(module).values()):  # cached functions, and classes' cached (static) methods
             members = [getattr(value, attr, None) for attr in vars(value)] if isinstance(value, type) else []
             for member in [value, *members]:
-                if isinstance(member, functools._lru_cache_wrapper):
+                if isinstance(member, functools._lru_cache_wrapper) and getattr(
+                    member, "__module__", ""
+                ).startswith("torch.distributed.tensor"):  # not the helpers these modules import
                     member.cache_clear()
     redistribute = sys.modules.get("torch.distributed.tensor._redistribute")
     clear_planners = getattr(redistribute, "clear_redistribute_planner_cache", None) or getattr(

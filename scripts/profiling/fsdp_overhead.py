@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/
 import bench
 from bench import make_trainer
 
+from llmtrain.distributed.env import destroy
 from llmtrain.models.config import ModelConfig
 
 
@@ -64,4 +65,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        destroy()  # the one-rank group make_trainer made; alive at interpreter exit it can abort it

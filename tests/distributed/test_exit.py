@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_overrides
 
 pytestmark = [
     pytest.mark.distributed,
@@ -63,3 +63,26 @@ def test_no_gloo_thread_survives_destroy(tmp_path):
         re.findall(r"rank (\d) gloo threads (\d+)", proc.stdout)
     )  # the ranks' lines may interleave
     assert counts == [("0", "0"), ("1", "0")], proc.stdout
+
+
+def test_a_run_that_fails_also_ends_its_groups(corpus_file, cache_dir, tmp_path):
+    """The error path: train.py destroys the groups once the error no longer holds the trainer (an exception's
+    traceback keeps fit()'s frame, and with it the model, its mesh and the groups, alive)."""
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path) + [
+        "parallel=fsdp",
+        "optim.lr=1e25",  # non-finite after the first update: the guard stops the run with rc 1
+        "trainer.max_steps=6",
+        "trainer.micro_batch_size=4",
+        "trainer.num_threads=1",
+        "trainer.sample_tokens=0",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(ROOT / "scripts" / "train.py"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1 and "error: non-finite loss" in proc.stderr, proc.stderr[-3000:]
+    assert "outlived destroy_process_group" not in proc.stderr

@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from llmtrain.config import ParallelConfig, fsdp_wraps, reshards_after_forward
+from llmtrain.distributed.env import destroy
 from llmtrain.distributed.parallelize import (
     apply_fsdp,
     block_lists,
@@ -33,7 +34,7 @@ def one_rank_mesh():
     try:
         yield init_device_mesh("cpu", (1,), mesh_dim_names=("shard",))
     finally:
-        dist.destroy_process_group()
+        destroy()  # also clears DTensor's caches, which keep the mesh and its gloo threads
 
 
 def test_auto_reshards_only_where_it_saves_memory():

@@ -195,6 +195,7 @@ def test_sigterm_to_the_ranks_under_torchrun_then_resume_continues_the_curve(
         os.kill(pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
+    assert "outlived destroy_process_group" not in stderr
     stopped = json.loads((run_dir / "result.json").read_text())
     assert stopped["stopped"] == "SIGTERM" and 5 <= stopped["steps"] < 40
     assert (run_dir / f"step-{stopped['steps']:07d}" / "train_state.pt").is_file()
@@ -251,6 +252,7 @@ def test_a_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(corpus_file, cac
     os.kill(int(sorted(workers, key=int)[-1]), signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
+    assert "outlived destroy_process_group" not in stderr
     result = json.loads((tmp_path / "decoder-test" / "result.json").read_text())
     assert result["stopped"] in ("SIGUSR1", "another rank") and result["steps"] < 2000
     assert (tmp_path / "decoder-test" / f"step-{result['steps']:07d}" / "train_state.pt").is_file()
