@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -266,9 +267,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
+    destroying_groups(lambda: benchmark(parse_args()))
+
+
+def destroying_groups(run: Callable[[], None]) -> None:
+    """run(), then destroy the process groups it made (also after a failure): a group alive at interpreter exit
+    can abort it. The profiling scripts built on make_trainer end the same way."""
     try:
-        benchmark(parse_args())
-    finally:  # also after a failed benchmark: a process group alive at interpreter exit can abort it
+        run()
+    finally:
         destroy()
 
 

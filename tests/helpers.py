@@ -1,4 +1,5 @@
-"""What several test files read back from a finished run directory."""
+"""What several test files run (scripts/train.py, alone or under torchrun) and read back from a finished run
+directory."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,22 @@ import torch
 from llmtrain.models import ModelConfig, build_model
 from llmtrain.training.checkpoint import latest_checkpoint, load_checkpoint, read_train_state
 from tests.conftest import ROOT
+
+
+def launch(
+    nproc: int, overrides: list[str], timeout: int = 240, returncode: int = 0
+) -> subprocess.CompletedProcess:
+    """scripts/train.py in one process (nproc=1) or under torchrun; it must end with `returncode` and leave no
+    gloo thread alive into interpreter exit (llmtrain.distributed.env.destroy warns of one)."""
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "scripts" / "train.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd.append(str(ROOT / "scripts" / "train.py"))
+    proc = subprocess.run(cmd + overrides, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == returncode, proc.stderr[-4000:]
+    assert "outlived destroy_process_group" not in proc.stderr  # threads that can abort the exit (test_exit)
+    return proc
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

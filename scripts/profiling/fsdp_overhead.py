@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/
 import bench
 from bench import make_trainer
 
-from llmtrain.distributed.env import destroy
 from llmtrain.models.config import ModelConfig
 
 
@@ -65,7 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        destroy()  # the one-rank group make_trainer made; alive at interpreter exit it can abort it
+    bench.destroying_groups(main)  # the one-rank group make_trainer made

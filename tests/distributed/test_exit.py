@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_overrides
+from tests.helpers import launch
 
 pytestmark = [
     pytest.mark.distributed,
@@ -59,9 +60,8 @@ def test_no_gloo_thread_survives_destroy(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = sorted(
-        re.findall(r"rank (\d) gloo threads (\d+)", proc.stdout)
-    )  # the ranks' lines may interleave
+    # the ranks' lines may interleave
+    counts = sorted(re.findall(r"rank (\d) gloo threads (\d+)", proc.stdout))
     assert counts == [("0", "0"), ("1", "0")], proc.stdout
 
 
@@ -76,13 +76,5 @@ def test_a_run_that_fails_also_ends_its_groups(corpus_file, cache_dir, tmp_path)
         "trainer.num_threads=1",
         "trainer.sample_tokens=0",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*cmd, str(ROOT / "scripts" / "train.py"), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 1 and "error: non-finite loss" in proc.stderr, proc.stderr[-3000:]
-    assert "outlived destroy_process_group" not in proc.stderr
+    proc = launch(2, overrides, returncode=1)
+    assert "error: non-finite loss" in proc.stderr

@@ -17,22 +17,10 @@ import time
 import pytest
 
 from tests.conftest import ROOT, tiny_overrides
-from tests.helpers import final_weights, kill_and_resume, max_weight_difference, step_losses
+from tests.helpers import final_weights, kill_and_resume, launch, max_weight_difference, step_losses
 
 pytestmark = pytest.mark.distributed
 STEPS = 8
-
-
-def launch(nproc: int, overrides: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "scripts" / "train.py")]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd.append(str(ROOT / "scripts" / "train.py"))
-    proc = subprocess.run(cmd + overrides, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "outlived destroy_process_group" not in proc.stderr  # threads that can abort the exit (test_exit)
-    return proc
 
 
 def runner(corpus_file, cache_dir, out):
