@@ -355,9 +355,12 @@ class Trainer:
         return contextlib.nullcontext()
 
     def gradient_sync(self, enabled: bool):
-        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step of accumulation."""
+        """What communication waits for the last micro-step of accumulation. DDP: its all-reduce (no_sync).
+        FSDP still reduce-scatters every micro-step, so gradients stay sharded (deferring it would keep a whole
+        fp32 gradient on every rank, 4 bytes a parameter, until the last micro-step; torchtitan also reduces
+        every micro-batch); under HSDP only the all-reduce across the replicas waits."""
         if self.fsdp:
-            self.model.set_requires_gradient_sync(enabled)
+            self.model.set_requires_all_reduce(enabled)
         elif not enabled and isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel):
             return self.forward_model.no_sync()
         return contextlib.nullcontext()

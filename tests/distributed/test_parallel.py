@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -77,6 +79,9 @@ def reference(corpus_file, cache_dir, tmp_path_factory):
         ),
         ("fsdp_replicate", 2, 4, ["parallel=fsdp", "parallel.shard_size=1"]),
         ("hsdp", 4, 2, ["parallel=fsdp", "parallel.shard_size=2"]),
+        # accumulation: FSDP reduce-scatters every micro-step, HSDP defers only the all-reduce
+        ("fsdp_accum", 2, 2, ["parallel=fsdp", "trainer.grad_accum_steps=2"]),
+        ("hsdp_accum", 4, 1, ["parallel=fsdp", "parallel.shard_size=2", "trainer.grad_accum_steps=2"]),
     ],
 )
 def test_strategy_matches_single_process(run, reference, name, nproc, micro_batch, extra):
@@ -98,6 +103,54 @@ def test_full_sharding_holds_about_half_the_state_of_ddp(run):
     fsdp = run("mem_fsdp", 2, 4, "parallel=fsdp")["state_bytes_rank0"]
     assert all(ddp[k] > 0 for k in ("parameters", "gradients", "optimizer"))
     assert sum(fsdp.values()) <= 0.55 * sum(ddp.values()), (fsdp, ddp)
+
+
+ACCUMULATION = textwrap.dedent(
+    """
+    from types import SimpleNamespace
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from llmtrain.distributed.env import destroy, init_distributed
+    from llmtrain.distributed.parallelize import apply_fsdp
+    from llmtrain.models import ModelConfig, build_model
+    from llmtrain.training.trainer import Trainer
+
+    info = init_distributed("cpu")
+    model = build_model(ModelConfig("decoder", vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16))
+    full = {name: p.numel() for name, p in model.named_parameters()}
+    apply_fsdp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("shard",)), "bf16")
+    trainer = SimpleNamespace(fsdp=True, model=model, forward_model=model)
+    ids = torch.randint(0, 64, (2, 16))
+    with Trainer.gradient_sync(trainer, False):  # the first of two micro-steps
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, ids).loss
+        loss.backward()
+    # what a rank holds between micro-steps: its shard of each gradient, and no whole (unsharded) gradient
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+    whole = sum(fp.unsharded_accumulated_grad is not None for g in groups if g for fp in g.fsdp_params)
+    print(f"rank {info.rank} whole gradients {whole}", flush=True)
+    for name, p in model.named_parameters():
+        local = 0 if p.grad is None else p.grad.to_local().numel()
+        print(f"rank {info.rank} {name} full {full[name]} local {local}", flush=True)
+    destroy()
+    """
+)
+
+
+def test_fsdp_accumulation_keeps_gradients_sharded(tmp_path):
+    """Between micro-steps of accumulation a rank holds only its shard of each gradient (a whole fp32
+    gradient per rank, deferred to the last micro-step, would cost 4 bytes a parameter: more than all the
+    sharded states together on a few ranks)."""
+    script = tmp_path / "accumulate.py"
+    script.write_text(ACCUMULATION)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(re.findall(r"rank (\d) whole gradients (\d+)", proc.stdout)) == [("0", "0"), ("1", "0")]
+    rows = re.findall(r"rank (\d) (\S+) full (\d+) local (\d+)", proc.stdout)
+    assert len(rows) > 10 and {rank for rank, *_ in rows} == {"0", "1"}, proc.stdout
+    for rank, name, full, local in rows:
+        assert 0 < int(local) <= (int(full) + 1) // 2, (rank, name, full, local)
 
 
 @pytest.mark.parametrize(
