@@ -64,7 +64,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from llmtrain.measure.shapes import Lengths, largest_block_parameters, parameter_count
+from llmtrain.measure.shapes import Lengths, all_block_parameters, largest_block_parameters, parameter_count
 from llmtrain.models.config import GATED_MLPS, ModelConfig
 from llmtrain.models.heads import GPU_LOSS_CHUNK
 
@@ -168,15 +168,27 @@ class ModelStates:
         return self.weights + self.grads + self.master + self.optimizer
 
 
+def sharded_states(setup: Setup) -> tuple[str, ...]:
+    """What `setup.strategy` shards. llmtrain runs zero2 as FSDP2 without resharding after forward, so under
+    its own precisions (fp32 weights, which are the master copy) the weights are sharded too and a whole
+    gathered copy is kept from forward to backward (`_compute_copies`); under bf16_master (ZeRO's scheme)
+    zero2's 16-bit weights are replicated and are what compute reads."""
+    sharded = SHARDED_STATES[setup.strategy]
+    if setup.strategy == "zero2" and not precision_of(setup.precision).master:
+        return (*sharded, "weights")
+    return sharded
+
+
 def model_state_bytes(n_params: float, setup: Setup) -> ModelStates:
-    """Per-device model states of `n_params` parameters under `setup` (ZeRO paper, Table 1 / Figure 1)."""
+    """Per-device model states of `n_params` parameters under `setup` (ZeRO paper, Table 1 / Figure 1).
+    CPU offload keeps the sharded states on the host, even sharded over one device (FSDP with offload)."""
     precision = precision_of(setup.precision)
     shards = sharding_factor(setup)
-    if setup.cpu_offload and shards == 1:
+    if setup.cpu_offload and setup.strategy == "ddp":
         raise ValueError(
             "cpu_offload moves sharded states to the host; it needs zero1/zero2/zero3/fsdp/hybrid"
         )
-    sharded = SHARDED_STATES[setup.strategy]
+    sharded = sharded_states(setup)
     device, host = {}, 0.0
     for name in ("weights", "grads", "master", "optimizer"):
         per_device = n_params * getattr(precision, name) / (shards if name in sharded else 1)
@@ -360,11 +372,14 @@ class MemoryEstimate:
 
 def _compute_copies(cfg: ModelConfig, n_params: int, setup: Setup, shards: int) -> float:
     p = precision_of(setup.precision)
-    sharded = SHARDED_STATES[setup.strategy]
-    if shards > 1 and "weights" in sharded:  # FSDP: the root unit (embeddings, head) + current + prefetched
-        block = largest_block_parameters(cfg)
-        n_blocks = cfg.n_layers + (cfg.decoder_layers if cfg.family == "encoder_decoder" else 0)
-        return (n_params - n_blocks * block + 2 * block) * (p.compute_copy or p.weights)
+    sharded = sharded_states(setup)
+    gathered = p.compute_copy or p.weights  # FSDP gathers in the compute dtype (fp32 runs gather fp32)
+    fsdp = "weights" in sharded and (shards > 1 or setup.cpu_offload)  # weights not whole on the device
+    if fsdp and setup.strategy == "zero2":  # FSDP2 without resharding: all of it, from forward to backward
+        return n_params * gathered
+    if fsdp:  # the root unit (embeddings, head) + the current block + the prefetched one
+        root = n_params - all_block_parameters(cfg)
+        return (root + 2 * largest_block_parameters(cfg)) * gathered
     if shards > 1 and "grads" in sharded:  # ZeRO-2: the replicated weights are what compute reads
         return 0.0
     return n_params * p.compute_copy

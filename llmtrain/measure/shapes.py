@@ -119,6 +119,14 @@ def parameter_count(cfg: ModelConfig) -> int:
     return stacks + cfg.vocab_size * cfg.d_model + head_parameters(cfg)
 
 
+def all_block_parameters(cfg: ModelConfig) -> int:
+    """Parameters of every block (what FSDP wraps unit by unit; the rest is the root unit)."""
+    total = cfg.n_layers * block_parameters(cfg)
+    if cfg.family == "encoder_decoder":
+        total += cfg.decoder_layers * block_parameters(cfg, cross_attention=True)
+    return total
+
+
 def largest_block_parameters(cfg: ModelConfig) -> int:
     """Parameters of the largest block: the unit FSDP gathers at a time."""
     return block_parameters(cfg, cross_attention=cfg.family == "encoder_decoder")

@@ -11,8 +11,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from llmtrain.config import TrainConfig
+from llmtrain.distributed.parallelize import block_lists
 from llmtrain.measure.memory import (
     Setup,
+    _compute_copies,
     activation_bytes,
     estimate_memory,
     max_micro_batch,
@@ -20,7 +22,7 @@ from llmtrain.measure.memory import (
     model_state_bytes,
 )
 from llmtrain.measure.options import MemoryOptions
-from llmtrain.measure.shapes import Lengths, parameter_count
+from llmtrain.measure.shapes import Lengths, largest_block_parameters, parameter_count
 from llmtrain.models import IGNORE_INDEX, ModelConfig, build_model
 from llmtrain.models.blocks import Block
 
@@ -89,6 +91,50 @@ def test_cpu_offload_moves_the_sharded_states_to_the_host():
     assert states.weights == 2e9 and states.host == (2 + 4 + 8) * 1e9 / 4
     with pytest.raises(ValueError, match="cpu_offload"):
         model_state_bytes(1e9, Setup(strategy="ddp", cpu_offload=True))
+
+
+def test_cpu_offload_on_one_device_is_fsdp_with_its_states_on_the_host():
+    """parallel=fsdp parallel.cpu_offload=true on one device wraps (`fsdp_wraps`): every state on the host,
+    the device holds what FSDP gathers (root + two blocks, in the compute dtype)."""
+    cfg = ModelConfig(vocab_size=1000, d_model=64, n_layers=4, n_heads=4)
+    n, block = parameter_count(cfg), largest_block_parameters(cfg)
+    for precision, gathered in (("bf16", 2), ("fp32", 4)):
+        setup = Setup(precision=precision, strategy="zero3", world_size=1, cpu_offload=True)
+        estimate = estimate_memory(cfg, Lengths(64, predicted=64, corpus=64), 2, setup)
+        assert estimate.states.total == 0 and estimate.states.host == 16 * n
+        assert estimate.compute_copies == (n - 4 * block + 2 * block) * gathered
+
+
+def test_fsdp_root_unit_is_what_the_blocks_leave():
+    """FSDP gathers the root (embeddings, final norms, head, position tables) plus two blocks at a time; an
+    encoder-decoder's encoder blocks are smaller than its decoder blocks (no cross-attention)."""
+    for cfg in (
+        ModelConfig(
+            "encoder_decoder", vocab_size=500, d_model=64, n_layers=3, n_heads=4, position="relative"
+        ),
+        ModelConfig("encoder_decoder", vocab_size=500, d_model=64, n_layers=6, n_decoder_layers=2, n_heads=4),
+        ModelConfig("decoder", vocab_size=500, d_model=64, n_layers=3, n_heads=4, position="learned"),
+    ):
+        model = build_model(cfg)
+        in_blocks = {id(p) for layers in block_lists(model) for p in layers.parameters()}
+        root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+        largest = max(sum(p.numel() for p in b.parameters()) for layers in block_lists(model) for b in layers)
+        assert largest == largest_block_parameters(cfg)
+        setup = Setup(precision="fp32", strategy="zero3", world_size=8)
+        assert _compute_copies(cfg, parameter_count(cfg), setup, 8) == (root + 2 * largest) * 4, cfg
+
+
+def test_zero2_runs_as_fsdp_without_resharding_under_llmtrains_precisions():
+    """llmtrain's zero2 is FSDP2 keeping the gathered weights from forward to backward: sharded fp32 weights
+    plus one whole copy in the compute dtype (4 ranks, bf16: 1 + 2 bytes a parameter, as measured with
+    fully_shard); ZeRO's own bf16_master scheme replicates its 16-bit weights (Table 1 above)."""
+    cfg = ModelConfig(vocab_size=1000, d_model=64, n_layers=4, n_heads=4)
+    n, lengths = parameter_count(cfg), Lengths(64, predicted=64, corpus=64)
+    for precision, weights, gathered in (("bf16", 1, 2), ("fp32", 1, 4), ("bf16_master", 2, 0)):
+        estimate = estimate_memory(
+            cfg, lengths, 2, Setup(precision=precision, strategy="zero2", world_size=4)
+        )
+        assert (estimate.states.weights, estimate.compute_copies) == (weights * n, gathered * n), precision
 
 
 def test_unknown_strategy_or_precision_is_a_clear_error():
