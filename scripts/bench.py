@@ -28,6 +28,7 @@ from llmtrain.config import TrainConfig
 from llmtrain.data import Corpus
 from llmtrain.distributed.env import destroy
 from llmtrain.measure.flops import forward_flops, measure_matmul_peak
+from llmtrain.measure.hardware import accelerator_of_device
 from llmtrain.measure.memory import Setup, estimate_memory
 from llmtrain.measure.options import strategy_of
 from llmtrain.measure.shapes import lengths_for
@@ -49,7 +50,6 @@ SHAPES: dict[str, tuple[ModelConfig, int, int, int]] = {
     ),
 }  # fmt: skip
 OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span_corruption"}
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s
 
 
 class SyntheticTokenizer:
@@ -175,7 +175,8 @@ def bench(
     sequences = trainer.cfg.trainer.micro_batch_size * trainer.cfg.trainer.grad_accum_steps
     flops = forward_flops(trainer.cfg.model, lengths_for(trainer.cfg)).training * sequences / seconds
     peak_key = "bf16" if precision == "bf16" else "fp32"
-    datasheet = next((v for k, v in DATASHEET_BF16.items() if k in peaks.get("device", "")), None)
+    sheet = accelerator_of_device(peaks.get("device", "")) if device.type == "cuda" else None
+    datasheet = sheet.peak_flops("bf16") if sheet else None  # the trainer's table (H100 PCIe: 756, not 989)
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
     else:

@@ -39,6 +39,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         Accelerator("A100-40GB", bf16_tflops=312, tf32_tflops=156, fp32_tflops=19.5, memory_gib=40),
         Accelerator("H100-SXM", bf16_tflops=989, tf32_tflops=494.7, fp32_tflops=66.9, memory_gib=79.6),
         Accelerator("H100-PCIe", bf16_tflops=756, tf32_tflops=378, fp32_tflops=51.2, memory_gib=79.6),
+        Accelerator("H100-NVL", bf16_tflops=835, tf32_tflops=417.5, fp32_tflops=60, memory_gib=93.6),
         Accelerator("H200", bf16_tflops=989, tf32_tflops=494.7, fp32_tflops=66.9, memory_gib=140.4),
     )
 }
@@ -67,7 +68,7 @@ def accelerator_of_device(device_name: str) -> Accelerator | None:
     if "H200" in name:
         return ACCELERATORS["H200"]
     if "H100" in name:
-        return ACCELERATORS["H100-PCIe" if "PCIE" in name else "H100-SXM"]
+        return ACCELERATORS["H100-PCIe" if "PCIE" in name else "H100-NVL" if "NVL" in name else "H100-SXM"]
     if "A100" in name:
         return ACCELERATORS["A100-40GB" if "40GB" in name else "A100"]
     return None

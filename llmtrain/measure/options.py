@@ -33,7 +33,7 @@ from llmtrain.measure.planning import device_budget, device_peak_flops, from_pf_
 @dataclass
 class MemoryOptions:
     gpu: str = "H100"
-    """Device to fit (A100, A100-40GB, H100-SXM, H100-PCIe, H200); any name with gpu_memory_gib set."""
+    """Device to fit (A100, A100-40GB, H100-SXM, H100-PCIe, H100-NVL, H200); any name with gpu_memory_gib set."""
     gpu_memory_gib: float | None = None
     """Device memory in GiB; overrides the table (and allows a device not in it)."""
     usable_fraction: float = 0.9
@@ -132,7 +132,7 @@ class PlanOptions:
     """Budget as devices x hours x mfu on `device`."""
     devices: int = 8
     device: str = "H100"
-    """A100, H100-SXM (= H100), H100-PCIe, H200; another name needs peak_tflops."""
+    """A100, H100-SXM (= H100), H100-PCIe, H100-NVL, H200; another name needs peak_tflops."""
     peak_tflops: float | None = None
     """Peak TFLOP/s per device; overrides the table."""
     dtype: str = "bf16"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from llmtrain.config import TrainConfig, to_dataclass
-from llmtrain.measure.shapes import corpus_tokens, lengths_for, model_config_for, parameter_count
+from llmtrain.measure.shapes import corpus_tokens, model_config_for, parameter_count
 
 
 class ScalingError(ValueError):
@@ -109,10 +109,12 @@ def point_from_run(run_dir: Path) -> RunPoint:
     budget = cfg.trainer.max_flops
     if not budget or budget <= 0:
         raise ScalingError(f"{run_dir} has no positive compute budget (trainer.max_flops={budget})")
-    inputs = last_logged_tokens(run_dir / "metrics.jsonl")  # over all ranks
-    if inputs is None:  # no metrics log (logger.jsonl=false): count one process's tokens from the config
-        t = cfg.trainer
-        inputs = result["steps"] * t.micro_batch_size * t.grad_accum_steps * lengths_for(cfg).inputs
+    # input tokens trained on, over all ranks: result.json's, else the last logged (runs before it had them)
+    inputs = result.get("tokens", last_logged_tokens(run_dir / "metrics.jsonl"))
+    if inputs is None:
+        raise ScalingError(
+            f"{run_dir}: result.json has no tokens and there is no metrics.jsonl to count them"
+        )
     n_tokens = corpus_tokens(cfg, inputs)
     return RunPoint(
         budget=float(budget),

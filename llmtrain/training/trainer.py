@@ -669,7 +669,12 @@ class Trainer:
             self.log(
                 "stopped at step %d (%s); the same command resumes from the checkpoint", self.step, stopped
             )
-            result.update(stopped=stopped, steps=self.step, train_seconds=time.perf_counter() - start)
+            result.update(
+                stopped=stopped,
+                steps=self.step,
+                tokens=self.tokens_seen,
+                train_seconds=time.perf_counter() - start,
+            )
             if self.dist.is_main:
                 (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
                 self.metrics.close()
@@ -680,7 +685,9 @@ class Trainer:
         final = self.evaluate()
         self.write_metrics({"step": self.step, **final})
         self.log_evaluation(final)
-        result.update(final, train_seconds=time.perf_counter() - start, steps=self.step)
+        result.update(
+            final, train_seconds=time.perf_counter() - start, steps=self.step, tokens=self.tokens_seen
+        )
         result["state_bytes_rank0"] = self.state_bytes()
         if t.sample_tokens:  # every rank runs it (FSDP forwards are collective); rank 0 prints
             self.log("sample:\n%s", self.sample_text(t.sample_tokens))

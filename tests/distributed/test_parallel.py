@@ -93,6 +93,7 @@ def test_strategy_matches_single_process(run, reference, name, nproc, micro_batc
     assert max_weight_difference(result["weights"], reference["weights"]) < 1e-5
     assert result["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-5)
     assert result["val_loss"] < reference["initial_val_loss"]
+    assert result["tokens"] == reference["tokens"] == STEPS * 8 * 32  # all ranks' input tokens (seq_len 32)
     if name == "single_under_torchrun":  # the run says what it is
         assert "x 2 (ddp, from parallel=single on several ranks)" in result["log"]
 

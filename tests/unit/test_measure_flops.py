@@ -18,7 +18,7 @@ from llmtrain.measure.flops import (
     palm_flops_per_token,
     training_flops_per_token,
 )
-from llmtrain.measure.hardware import accelerator
+from llmtrain.measure.hardware import accelerator, accelerator_of_device
 from llmtrain.measure.shapes import Lengths, lengths_for, norm_parameters, parameter_count
 from llmtrain.models import IGNORE_INDEX, MODEL_CLASSES, ModelConfig, build_model, count_parameters
 
@@ -143,6 +143,17 @@ def test_peak_table_and_mfu():
         accelerator("TPUv5")
     with pytest.raises(ValueError, match="dtype"):
         accelerator("A100").peak_flops("int8")
+    # CUDA device names as torch reports them -> the entry MFU is computed against (bench.py and the trainer)
+    for name, entry in [
+        ("NVIDIA H100 80GB HBM3", "H100-SXM"),
+        ("NVIDIA H100 PCIe", "H100-PCIe"),
+        ("NVIDIA H100 NVL", "H100-NVL"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-40GB", "A100-40GB"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+    ]:
+        assert accelerator_of_device(name).name == entry, name
+    assert accelerator_of_device("NVIDIA GeForce RTX 4090") is None
     per_device = achieved_flops_per_second(flops=3.9e15, seconds=10.0, n_devices=1)
     assert mfu(per_device, accelerator("A100").peak_flops()) == pytest.approx(1.25)
     assert mfu(achieved_flops_per_second(6e15, 10.0, 8), 312e12) == pytest.approx(6e15 / 10 / 8 / 312e12)

@@ -133,9 +133,13 @@ def test_span_corruption_runs_count_corpus_tokens_as_d(tmp_path):
     metrics.write_text(json.dumps({"step": 10, "loss": 4.0, "tokens": logged}) + "\n")
     (point,), _ = load_runs([tmp_path / "t5"])
     assert point.n_tokens == 10 * 4 * lengths.corpus
-    metrics.unlink()  # logger.jsonl=false: counted from the config, the same D
+    metrics.unlink()  # logger.jsonl=false: result.json's count over all ranks (2 here), the same D per token
+    result = json.loads((tmp_path / "t5" / "result.json").read_text())
+    (tmp_path / "t5" / "result.json").write_text(json.dumps({**result, "tokens": 2 * logged}))
     (point,), _ = load_runs([tmp_path / "t5"])
-    assert point.n_tokens == 10 * 4 * lengths.corpus
+    assert point.n_tokens == 2 * 10 * 4 * lengths.corpus
+    (tmp_path / "t5" / "result.json").write_text(json.dumps(result))  # neither: no guess from the config
+    assert load_runs([tmp_path / "t5"])[0] == [] and "no tokens" in load_runs([tmp_path / "t5"])[1][0]
     # plot.py --x flops: the logged (input) tokens times FLOPs per input token = the steps' training FLOPs
     from llmtrain.measure.flops import forward_flops
     from llmtrain.measure.shapes import model_config_for
