@@ -37,12 +37,14 @@ def build_optimizer(
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Multiplier of cfg.lr at `step` (0-based): linear warmup, then the chosen decay to min_lr_ratio."""
+    """Multiplier of cfg.lr at `step` (0-based): linear warmup to just below the peak (nanoGPT's
+    (step + 1) / (warmup + 1)), the peak at step `warmup_steps` (the first step without warmup), then the
+    chosen decay, whose last step (max_steps - 1) trains at min_lr_ratio."""
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return (step + 1) / (cfg.warmup_steps + 1)
     if cfg.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - 1 - cfg.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 

@@ -118,11 +118,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite a metrics.jsonl without what an interrupted run logged after its checkpoint at `step`, nor its
+    evaluation at `step`, which the resumed run logs again (each step once, in order, for plots and fits)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+        if record["step"] < step or (record["step"] == step and "val_loss" not in record):
+            kept.append(line + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(kept))
+    partial.replace(path)
+
+
 class MetricsLog:
     """Console + metrics.jsonl + wandb (offline by default). Nothing secret is logged: only metrics."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resolved_config: dict[str, Any], append: bool):
-        self.jsonl = (run_dir / "metrics.jsonl").open("a" if append else "w") if cfg.logger.jsonl else None
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, resolved_config: dict[str, Any], resumed_step: int | None
+    ):
+        """resumed_step: the checkpoint's step when the run resumes; metrics.jsonl then keeps what was logged
+        up to it and continues, else starts empty."""
+        self.jsonl = None
+        if cfg.logger.jsonl:
+            path = run_dir / "metrics.jsonl"
+            if resumed_step is not None and path.is_file():
+                drop_records_after(path, resumed_step)
+            self.jsonl = path.open("w" if resumed_step is None else "a")
         self.wandb = None
         if cfg.logger.wandb != "disabled":
             import wandb
@@ -284,7 +309,9 @@ class Trainer:
                 shutil.copyfile(source, kept)
         barrier()
         self.metrics = (
-            MetricsLog(cfg, self.run_dir, resolved_config, append=resumed) if self.dist.is_main else None
+            MetricsLog(cfg, self.run_dir, resolved_config, self.step if resumed else None)
+            if self.dist.is_main
+            else None
         )
 
     def _init_from_tokenizer(self, cfg: TrainConfig) -> Path | None:
@@ -473,6 +500,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step's update used (logged)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -713,7 +741,7 @@ class Trainer:
                 record = {
                     "step": self.step,
                     "loss": mean_loss.item(),  # the host sync of the loop, at log intervals only
-                    "lr": self.scheduler.get_last_lr()[0],
+                    "lr": self.lr,
                     "grad_norm": float(self.grad_norm),
                     "tokens": self.tokens_seen,
                     "tokens_per_s": window_steps * self.tokens_per_step / elapsed,

@@ -77,6 +77,40 @@ def test_resume_continues_bitwise(tiny_config, model, extra):
         assert torch.equal(a, b)
 
 
+def test_a_resumed_run_logs_each_step_once(tiny_config):
+    """A run stopped after logging past its last checkpoint: the resumed run's metrics.jsonl holds every
+    training step and evaluation once, in order, with the uninterrupted run's values."""
+    import shutil
+
+    steps = ("trainer.max_steps=10", "trainer.sample_tokens=0", "trainer.log_interval=1")
+    steps += ("trainer.eval_interval=5", "trainer.checkpoint_interval=5")
+
+    def records(trainer):
+        lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [
+            (r["step"], "val" if "val_loss" in r else "train", r.get("loss", r.get("val_loss")))
+            for r in map(json.loads, lines)
+        ]
+
+    straight = Trainer(tiny_config("decoder", *steps, "run_name=straight"))
+    straight.fit()
+    stopped = Trainer(tiny_config("decoder", *steps, "run_name=stopped"))
+    stopped.fit()
+    shutil.rmtree(stopped.run_dir / "step-0000010")  # as if killed after logging step 10, before its save
+    with (stopped.run_dir / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 11, "lo')  # and mid-line
+    resumed = Trainer(tiny_config("decoder", *steps, "run_name=stopped"))
+    assert resumed.step == 5
+    resumed.fit()
+    expected = records(straight)
+    assert [r[:2] for r in expected] == [(0, "val")] + [(s, "train") for s in range(1, 6)] + [(5, "val")] + [
+        (s, "train") for s in range(6, 11)
+    ] + [(10, "val")]
+    got = records(resumed)
+    assert [r[:2] for r in got] == [r[:2] for r in expected]
+    assert [r[2] for r in got] == pytest.approx([r[2] for r in expected], abs=1e-6)
+
+
 def test_checkpoint_loads_into_a_fresh_model(tiny_config):
     trainer = Trainer(tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0"))
     trainer.fit()
@@ -308,6 +342,30 @@ def test_throughput_metrics_are_logged_consistently(tiny_config):
         assert r["tflops_per_device"] * 1e12 == pytest.approx(corpus_tokens_per_s * per_token, rel=1e-6)
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / trainer.peak_flops, rel=1e-9)
         assert 0 < r["mfu"] < 1.5 and r["peak_memory_gib"] > 0.05
+
+
+def test_the_logged_learning_rate_is_the_one_each_update_used(tiny_config):
+    """metrics.jsonl's lr at step s is the rate AdamW applied in step s (not the next step's), and the last
+    step trains at min_lr_ratio."""
+    cfg = tiny_config(
+        "decoder",
+        "trainer.max_steps=6",
+        "trainer.log_interval=1",
+        "optim.lr=0.01",
+        "optim.warmup_steps=2",
+        "optim.min_lr_ratio=0.1",
+    )
+    trainer = Trainer(cfg)
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+    trainer.fit()
+    logged = [
+        r["lr"]
+        for r in map(json.loads, (trainer.run_dir / "metrics.jsonl").read_text().splitlines())
+        if "lr" in r
+    ]
+    assert logged == pytest.approx(used) and len(used) == 6
+    assert used[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01]) and used[-1] == pytest.approx(0.001)
 
 
 def test_throughput_windows_leave_out_evaluations_and_checkpoints(tiny_config, monkeypatch):

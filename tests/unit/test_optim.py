@@ -25,16 +25,22 @@ def test_decay_on_matrices_only_and_tied_weight_once():
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_schedules(schedule):
+    """111 steps (0..110): 10 of warmup below the peak, the peak at step 10, min_lr_ratio at the last step."""
     cfg = OptimConfig(schedule=schedule, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(0, cfg, 110) == pytest.approx(0.1)
-    assert lr_factor(4, cfg, 110) == pytest.approx(0.5)
-    assert lr_factor(10, cfg, 110) == pytest.approx(1.0)
-    mid, end = lr_factor(60, cfg, 110), lr_factor(110, cfg, 110)
+    assert lr_factor(0, cfg, 111) == pytest.approx(1 / 11)
+    assert lr_factor(4, cfg, 111) == pytest.approx(5 / 11)
+    assert lr_factor(9, cfg, 111) == pytest.approx(10 / 11)  # the peak once, not at the end of warmup too
+    assert lr_factor(10, cfg, 111) == pytest.approx(1.0)
+    mid, end = lr_factor(60, cfg, 111), lr_factor(110, cfg, 111)
     if schedule == "constant":
         assert mid == end == 1.0
     else:
-        assert end == pytest.approx(0.1)
+        assert end == pytest.approx(0.1)  # the last step that runs trains at the final rate
+        assert lr_factor(109, cfg, 111) > 0.1
         assert mid == pytest.approx(0.1 + 0.9 * 0.5)  # cosine and linear agree at the midpoint
-        quarter = lr_factor(35, cfg, 110)
+        assert (
+            lr_factor(0, OptimConfig(schedule=schedule, warmup_steps=0), 111) == 1.0
+        )  # no warmup: peak first
+        quarter = lr_factor(35, cfg, 111)
         expected = 0.5 * (1 + math.cos(math.pi * 0.25)) if schedule == "cosine" else 0.75
         assert quarter == pytest.approx(0.1 + 0.9 * expected)
