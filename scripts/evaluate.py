@@ -117,13 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    batches = min(args.batches, loaders.val_loader.batches_per_epoch)
+    if batches < args.batches:
+        print(
+            f"note: the validation split holds {batches} batches of {args.batch_size} windows; evaluating "
+            f"those (--batches {args.batches})",
+            file=sys.stderr,
+        )
     result = {
         "source": str(loaded.source),
         "family": loaded.cfg.family,
         "objective": cfg.objective.name,
         "data": cfg.data.name,
         "seq_len": cfg.data.seq_len,
-        "batches": args.batches,
+        "batches": batches,
         "batch_size": args.batch_size,
         "results": {},
     }
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precision:
         model = load_trained_model(loaded.source, args.device).model if precision != "fp32" else loaded.model
         model = with_precision(model, precision)
-        metrics = evaluate_loader(model, objective, loaders.val_loader, token_bytes, args.batches, cfg.seed)
+        metrics = evaluate_loader(model, objective, loaders.val_loader, token_bytes, batches, cfg.seed)
         result["results"][precision] = {**metrics, "weight_bytes": weight_bytes(model)}
         print(
             f"{precision:>5}: loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "

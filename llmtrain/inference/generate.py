@@ -112,6 +112,7 @@ def generate_seq2seq(
 ) -> torch.Tensor:
     """Decoder output (B, <= max_new_tokens) for encoder inputs (B, S); the encoder runs once, and with the
     cache its keys/values are projected once per decoder block. Greedy by default."""
+    check_decoder_length(model, max_new_tokens)
     encoded = model.encode(input_ids, attention_mask)  # (B, S, d)
     B = input_ids.shape[0]
     out = torch.full((B, 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
@@ -172,6 +173,17 @@ def check_prompt_length(model: nn.Module, n_tokens: int) -> None:
         raise ValueError(
             f"the prompt is {n_tokens} tokens but the model reads at most model.max_seq_len={cfg.max_seq_len}; "
             "shorten it"
+        )
+
+
+def check_decoder_length(model: nn.Module, max_new_tokens: int) -> None:
+    """An encoder-decoder's decoder reads its whole output so far (start token + max_new_tokens - 1 at the
+    last step); with learned or rotary positions that must fit its position table. Refused before any work."""
+    cfg = model.cfg
+    if cfg.position in ("learned", "rope") and max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} is more than the decoder's {cfg.position} positions reach "
+            f"(model.max_seq_len={cfg.max_seq_len}); allowed: at most {cfg.max_seq_len}"
         )
 
 

@@ -498,10 +498,31 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
+BASE_PREFIXES = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
+"""The base model's attribute in the *LM head* class: a checkpoint saved from the base class (GPT2Model, as
+openai-community/gpt2 is) names its tensors without it, which transformers accepts."""
+
+
+def hub_spellings(hf_state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """The names transformers also loads, spelt as its current head classes save them: a base model's tensors
+    get their prefix (`wte.weight` -> `transformer.wte.weight`) and LayerNorm's TF-era `gamma` / `beta`
+    (bert-base-uncased) become `weight` / `bias`."""
+    prefix = BASE_PREFIXES.get(arch)
+    heads = ("lm_head.", "cls.")
+    out = {}
+    for name, tensor in hf_state.items():
+        name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
+        if prefix and not name.startswith((prefix, *heads)):
+            name = prefix + name
+        out[name] = tensor
+    return out
+
+
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF tensors -> our state dict (without the aliases of tied weights). Raises on a missing tensor or on an
     HF tensor the model has no place for."""
     arch = hf_architecture(cfg)
+    hf_state = hub_spellings(hf_state, arch)
     out, used = {}, set()
     rules = weight_rules(cfg)
     aliases = {rule.ours: rule.hf for rule in rules if rule.export_only}

@@ -119,6 +119,19 @@ def test_encoder_decoder_cached_greedy_equals_uncached(variant):
     assert torch.equal(cached[1:], alone)
 
 
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_encoder_decoder_output_longer_than_its_positions_is_refused_before_decoding(position):
+    """Up to model.max_seq_len new tokens decode (the last step reads position max_seq_len - 1); one more is
+    a ValueError naming both settings, raised before the encoder runs (relative positions have no limit)."""
+    model = sharp(tiny("encoder_decoder", max_seq_len=16, position=position))
+    assert generate_seq2seq(model, prompt(1, 8), 16).shape == (1, 16)
+    model.encode = None  # the refusal must come before any work
+    with pytest.raises(ValueError, match="max_new_tokens=17 .*model.max_seq_len=16"):
+        generate_seq2seq(model, prompt(1, 8), 17)
+    relative = sharp(tiny("encoder_decoder", max_seq_len=16, **T5_STYLE))
+    assert generate_seq2seq(relative, prompt(1, 8), 20).shape == (1, 20)
+
+
 def test_generation_past_the_context_slides_the_window():
     model = sharp(tiny(max_seq_len=16))
     out = sample(model, prompt(1, 4), 40, temperature=0.0)

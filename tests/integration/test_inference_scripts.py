@@ -184,6 +184,14 @@ def test_evaluate_reads_the_shards_and_mixture_a_run_trained_on(corpus_file, cac
     args[-4:-4] = ["data.val_fraction=0.99"]
     args[-1] = "64"
     assert evaluate([str(trainer.run_dir), *args]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # more batches than the split holds: the report says how many were evaluated
+    args[-3] = "100000"
+    assert evaluate([str(trainer.run_dir), *args]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert 1 <= report["batches"] < 100000 and f"holds {report['batches']} batches of 64" in err
+    assert report["results"]["fp32"]["targets"] == report["batches"] * 64 * 32  # windows x predicted tokens
 
 
 # --- 3, 4. bad flags stop argparse at once, naming the flag and what is allowed --------------------------------

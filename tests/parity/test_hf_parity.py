@@ -178,6 +178,25 @@ def test_bert_head_bias_saved_under_one_name_imports():
     assert_same_logits(hf, ours, cfg.family)
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "llama-tied-geglu-bias-headdim", "bert"])
+def test_hub_spellings_import(variant):
+    """Hub checkpoints spell names as transformers still loads them: openai-community/gpt2 was saved from
+    GPT2Model (`wte.weight`, `h.0.attn.c_attn.weight`: no `transformer.`), bert-base-uncased keeps TF's
+    LayerNorm `gamma` / `beta`. Either imports to the same logits."""
+    hf = make_hf(variant)
+    cfg = model_config_from_hf(hf.config.to_dict())
+    if variant == "bert":
+        state = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", k): v for k, v in hf.state_dict().items()}
+        state = {re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k): v for k, v in state.items()}
+        assert sum(k.endswith(".gamma") for k in state) == 2 * cfg.n_layers + 2
+    else:  # the base model alone (a tied head has nothing of its own)
+        state = dict(hf.base_model.state_dict())
+        assert not any(k.startswith(("transformer.", "model.")) for k in state)
+    ours = build_model(cfg).eval()
+    load_model_state(ours, from_hf_state_dict(state, cfg))
+    assert_same_logits(hf, ours, cfg.family)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_import_then_export_round_trips_tensors_exactly(variant):
     hf = make_hf(variant)
