@@ -58,7 +58,7 @@ def take(texts, budget: int) -> list[str]:
 def measure(tokenizer, texts: list[str]) -> dict:
     """Bytes and characters per token on `texts`, the unknown-token rate, and how many decode back exactly."""
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    ids = tokenizer.encode_batch(texts)
+    ids = tokenizer.encode_documents(texts)
     n_tokens = sum(map(len, ids))
     unk = sum(row.count(tokenizer.unk_id) for row in ids)
     exact = sum(tokenizer.decode(row) == text for row, text in zip(ids, texts))

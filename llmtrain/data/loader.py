@@ -73,7 +73,7 @@ def _encode_splits(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, np.ndarra
     batch: list[str] = []
 
     def flush() -> None:
-        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+        for text, ids in zip(batch, tokenizer.encode_documents(batch)):
             split = "val" if is_validation(text, cfg.val_fraction) else "train"
             parts[split].append(np.array([*ids, tokenizer.eos_id], dtype=dtype))
         batch.clear()
@@ -97,7 +97,8 @@ def prepare_corpus(cfg: DataConfig) -> Corpus:
     """Tokenizer plus train/val token arrays, cached under cache_dir keyed by corpus and tokenizer."""
     corpus_key = fingerprint(cfg)
     tokenizer, tokenizer_path = get_tokenizer(cfg, corpus_key)
-    folder = Path(cfg.cache_dir) / "tokens" / f"{corpus_key}-{tokenizer.digest()}"
+    # v2: special-token text in a document is encoded as plain text (`Tokenizer.encode_documents`)
+    folder = Path(cfg.cache_dir) / "tokens" / f"{corpus_key}-{tokenizer.digest()}-v2"
     meta_path = folder / "meta.json"
     if not meta_path.is_file():  # meta.json is written last: without it, nothing here counts
         log.info("data: tokenizing %s corpus into %s", cfg.source, folder)

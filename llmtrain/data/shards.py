@@ -146,6 +146,7 @@ def settings_key(data: DataConfig, prep: PrepareConfig, tokenizer: Tokenizer) ->
         "dtype": token_dtype(tokenizer.vocab_size, prep.dtype).name,
         "tokenizer": tokenizer.digest(),
         "tokenizer_backend": prep.tokenizer_backend,
+        "special_text": "plain",  # special-token text in documents is text (before: the special token)
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -204,17 +205,9 @@ def tiktoken_encoding(tokenizer: Tokenizer):
         )
     except (KeyError, ValueError):
         return None
-    if _tiktoken_ids(encoding, TIKTOKEN_PROBE) != tokenizer.encode(TIKTOKEN_PROBE):
+    if encoding.encode_ordinary(TIKTOKEN_PROBE) != tokenizer.encode_documents([TIKTOKEN_PROBE])[0]:
         return None
     return encoding
-
-
-def _tiktoken_ids(encoding, text: str, starts: str | None = None) -> list[int]:
-    """tokenizers finds added tokens in the text: so does this. `starts` (the added tokens' first characters):
-    a text with none of them cannot hold one and takes tiktoken's plain path (no special-token scan)."""
-    if starts is not None and not any(c in text for c in starts):
-        return encoding.encode_ordinary(text)
-    return encoding.encode(text, allowed_special="all")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -299,22 +292,21 @@ def _work(texts: list[str]) -> tuple[_Batch, dict[str, StageStats]]:
 
 
 def _encode(texts: list[str], tokenizer: Tokenizer, encoding=None) -> list[list[int]]:
-    """Token ids without offsets: tiktoken when given (checked against `tokenizers` on a sample of documents
-    chosen by content), else tokenizers' encode_batch_fast (>= 0.20: skips computing offsets)."""
-    if encoding is not None:
-        starts = "".join({t[0] for t in encoding.special_tokens_set if t})
-        out = [_tiktoken_ids(encoding, t, starts) for t in texts]
-        for text, ids in zip(texts, out):
-            if zlib.crc32(text.encode("utf-8")) % TIKTOKEN_CHECK_EVERY == 0 and ids != tokenizer.encode(text):
-                raise DataError(
-                    "tiktoken and tokenizers encode a document differently (its first 80 characters: "
-                    f"{text[:80]!r}); set prepare.tokenizer_backend=tokenizers"
-                )
-        return out
-    fast = getattr(tokenizer.hf, "encode_batch_fast", None)
-    if fast is None:
-        return tokenizer.encode_batch(texts)
-    return [e.ids for e in fast(texts, add_special_tokens=False)]
+    """Documents' token ids, special-token text read as text (`Tokenizer.encode_documents`): tiktoken's
+    ordinary encoding when given (checked against `tokenizers` on a sample of documents chosen by content),
+    else tokenizers'."""
+    if encoding is None:
+        return tokenizer.encode_documents(texts)
+    out = [encoding.encode_ordinary(t) for t in texts]
+    for text, ids in zip(texts, out):
+        if zlib.crc32(text.encode("utf-8")) % TIKTOKEN_CHECK_EVERY == 0 and [
+            ids
+        ] != tokenizer.encode_documents([text]):
+            raise DataError(
+                "tiktoken and tokenizers encode a document differently (its first 80 characters: "
+                f"{text[:80]!r}); set prepare.tokenizer_backend=tokenizers"
+            )
+    return out
 
 
 class _Done:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids the objectives need."""
 
     hf: HFTokenizer
+    _plain: HFTokenizer | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         missing = [t for t in BASE_SPECIALS if self.hf.token_to_id(t) is None]
@@ -57,10 +58,24 @@ class Tokenizer:
         return [self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id, *self.sentinel_ids]
 
     def encode(self, text: str) -> list[int]:
+        """A prompt: special-token text in it is that token (`<extra_id_0>` marks a span to fill)."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    @property
+    def plain(self) -> HFTokenizer:
+        """The same tokenizer reading special-token text as plain text (made on first use)."""
+        if self._plain is None:
+            self._plain = HFTokenizer.from_str(self.hf.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Corpus text, where every character is text: "<eos>" or "<mask>" written in a document is encoded
+        as those characters, not as the special token (only the data pipeline and the objectives put special
+        tokens into a stream: an EOS inside a document would end it there for document attention, a stray
+        <mask> would be an input the objective never made)."""
+        fast = getattr(self.plain, "encode_batch_fast", None) or self.plain.encode_batch  # fast: no offsets
+        return [e.ids for e in fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

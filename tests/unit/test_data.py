@@ -49,6 +49,18 @@ def test_round_trip_and_token_bytes(tokenizer, text):
     assert int(tokenizer.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
 
 
+SPECIAL_TEXT = "A model ends with <eos> here, masks with <mask>s, fills <extra_id_0> and pads <pad>."
+
+
+def test_special_token_text_in_a_document_is_text(tokenizer):
+    """Corpus text is all text: "<eos>" in a document is not EOS (it would end the document there); a
+    prompt's markers are the special tokens (span filling reads <extra_id_0>)."""
+    (ids,) = tokenizer.encode_documents([SPECIAL_TEXT])
+    assert not set(ids) & set(tokenizer.special_ids) and tokenizer.decode(ids) == SPECIAL_TEXT
+    prompt = set(tokenizer.encode(SPECIAL_TEXT))
+    assert {tokenizer.eos_id, tokenizer.mask_id, tokenizer.sentinel_ids[0], tokenizer.pad_id} <= prompt
+
+
 def test_special_tokens_count_zero_bytes(tokenizer):
     assert tokenizer.token_bytes()[tokenizer.special_ids].sum() == 0
 
@@ -237,6 +249,15 @@ def test_corpus_is_cached_and_tokenizer_reused(tmp_path, monkeypatch):
     again = prepare_corpus(cfg)
     assert again.tokenizer_path == corpus.tokenizer_path
     assert np.array_equal(again.train, corpus.train)
+
+
+def test_the_token_stream_holds_one_eos_per_document_whatever_the_text(tmp_path):
+    docs = DOCS + [SPECIAL_TEXT] * 3
+    corpus = prepare_corpus(files_config([write_jsonl(tmp_path / "a.jsonl", docs)], tmp_path))
+    tokens = np.concatenate([corpus.train, corpus.val])
+    tok = corpus.tokenizer
+    assert int((tokens == tok.eos_id).sum()) == len(docs)
+    assert not np.isin(tokens, [i for i in tok.special_ids if i != tok.eos_id]).any()
 
 
 def test_interrupted_tokenisation_is_not_reused(tmp_path, monkeypatch):

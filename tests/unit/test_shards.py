@@ -274,8 +274,30 @@ def test_tiktoken_gives_the_same_ids_as_tokenizers(tmp_path):
     encoding = shards_module.tiktoken_encoding(tokenizer)
     assert encoding is not None
     for text in texts:
-        assert shards_module._tiktoken_ids(encoding, text) == tokenizer.encode(text), text
+        assert encoding.encode_ordinary(text) == tokenizer.encode_documents([text])[0], text
     assert shards_module._encode(texts, tokenizer, encoding) == shards_module._encode(texts, tokenizer)
+
+
+@pytest.mark.parametrize("backend", ["tiktoken", "tokenizers"])
+def test_special_token_text_in_documents_is_text_in_the_shards(tmp_path, backend):
+    """Documents that write "<eos>", "<mask>" or "<extra_id_0>" as text: one EOS per document in the shards
+    (document attention reads documents off EOS), no other special id."""
+    if backend == "tiktoken":
+        pytest.importorskip("tiktoken")
+    specials = [
+        f"{doc} The tokenizer writes <eos>, <mask> and <extra_id_{i}> like this."
+        for i, doc in enumerate(DOCS[:20])
+    ]
+    path = write_jsonl(tmp_path / "docs.jsonl", DOCS[20:] + specials)
+    manifest = prepare_shards(
+        data_config(path, tmp_path / "cache"), prep_config(tmp_path / "shards", tokenizer_backend=backend)
+    )
+    shard_set = open_shards(tmp_path / "shards")
+    tokenizer = shard_set.tokenizer()
+    tokens = np.concatenate([np.asarray(shard_set.split(split)) for split in ("train", "val")])
+    documents = manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"]
+    assert documents == len(DOCS) and int((tokens == tokenizer.eos_id).sum()) == documents
+    assert not np.isin(tokens, [i for i in tokenizer.special_ids if i != tokenizer.eos_id]).any()
 
 
 def test_a_chunk_whose_documents_are_all_filtered(tmp_path):
