@@ -299,7 +299,7 @@ class Trainer:
 
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         resolved_config = resolved_config or dataclasses.asdict(cfg)
-        resumed = self._resume()  # refuses a run directory it cannot continue before writing into it
+        self.resumed = resumed = self._resume()  # refuses a run directory it cannot continue before writing
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
@@ -662,7 +662,11 @@ class Trainer:
         )  # fmt: skip
         first = self.evaluate()
         self.log_evaluation(first)
-        self.write_metrics({"step": self.step, **first})
+        # a resumed run logs its evaluation at the checkpoint's step only where an uninterrupted run logs one:
+        # at an evaluation interval before the last step (the final evaluation logs that one)
+        at_interval = t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps
+        if not self.resumed or at_interval:
+            self.write_metrics({"step": self.step, **first})
         result = {"initial_" + k: v for k, v in first.items()}
 
         progress = None
@@ -828,7 +832,8 @@ class Trainer:
                 )
             else:
                 batch = self.to_device(self.objective(window, torch.Generator().manual_seed(0)))
-                out = greedy_seq2seq(self.model, batch["input_ids"][:1], min(n_tokens, 64), tok.eos_id)
+                length = min(n_tokens, 64, batch["labels"].shape[1])  # the decoder's trained length
+                out = greedy_seq2seq(self.model, batch["input_ids"][:1], length, tok.eos_id)
                 text = (
                     "target: " + tok.decode(batch["labels"][0][batch["labels"][0] >= 0].tolist(), False)[:300]
                     + "\nmodel:  " + tok.decode(out[0].tolist(), False)[:300]

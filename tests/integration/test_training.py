@@ -109,6 +109,30 @@ def test_a_resumed_run_logs_each_step_once(tiny_config):
     got = records(resumed)
     assert [r[:2] for r in got] == [r[:2] for r in expected]
     assert [r[2] for r in got] == pytest.approx([r[2] for r in expected], abs=1e-6)
+    # a checkpoint between evaluations (step 3 of an eval every 2), and a finished run started again
+    steps = steps[:3] + ("trainer.eval_interval=2", "trainer.checkpoint_interval=3", "trainer.max_steps=4")
+    straight = Trainer(tiny_config("decoder", *steps, "run_name=straight4"))
+    straight.fit()
+    stopped = Trainer(tiny_config("decoder", *steps, "run_name=stopped4"))
+    stopped.fit()
+    shutil.rmtree(stopped.run_dir / "step-0000004")
+    Trainer(tiny_config("decoder", *steps, "run_name=stopped4")).fit()  # from step 3
+    assert [r[:2] for r in records(stopped)] == [r[:2] for r in records(straight)]
+    again = Trainer(tiny_config("decoder", *steps, "run_name=stopped4"))
+    assert again.step == 4
+    again.fit()  # nothing to train: the final evaluation again, logged once
+    assert [r[:2] for r in records(again)] == [r[:2] for r in records(straight)]
+
+
+def test_an_encoder_decoder_samples_within_its_decoder_positions(tiny_config):
+    """The end-of-run sample decodes at most the trained target length, so a decoder whose position table is
+    shorter than the sample length asked for (64) still ends its run with result.json."""
+    cfg = tiny_config(
+        "encoder_decoder", "model.max_seq_len=48", "trainer.max_steps=2", "trainer.sample_tokens=64"
+    )
+    trainer = Trainer(cfg)
+    trainer.fit()
+    assert (trainer.run_dir / "result.json").is_file()
 
 
 def test_checkpoint_loads_into_a_fresh_model(tiny_config):
