@@ -346,6 +346,34 @@ def test_datatrove_signatures_find_the_same_near_duplicates():
         assert kept == originals, backend
 
 
+def test_datatrove_signatures_estimate_jaccard_when_bands_leave_columns_unused():
+    """At threshold 0.5 the LSH uses 33 x 3 of 128 columns; the verification's match fraction over all 128
+    must still estimate the Jaccard similarity of the shingle sets (a constant filler in the other 29 columns
+    matched in every pair: 0.36 for a true 0.17, so pairs far below the threshold were removed)."""
+    pytest.importorskip("datatrove")
+    from llmtrain.data.curation import DatatroveSignatures, lsh_bands
+
+    cfg = DedupConfig(threshold=0.5)
+    assert np.prod(lsh_bands(0.5, cfg.num_perm)) < cfg.num_perm
+    signatures = DatatroveSignatures(cfg)
+    rng = random.Random(0)
+    vocab = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+        for _ in range(5000)
+    ]
+    estimates, truths = [], []
+    for _ in range(10):
+        words = [rng.choice(vocab) for _ in range(400)]
+        edited = list(words)
+        for i in rng.sample(range(400), 90):
+            edited[i] = rng.choice(vocab)
+        a, b = " ".join(words), " ".join(edited)
+        sets = [{tuple(np.atleast_1d(g).tolist()) for g in signatures.step.get_shingles(t)} for t in (a, b)]
+        truths.append(len(sets[0] & sets[1]) / len(sets[0] | sets[1]))
+        estimates.append(float((signatures(a) == signatures(b)).mean()))
+    assert np.mean(truths) < 0.25 and abs(np.mean(estimates) - np.mean(truths)) < 0.04, (estimates, truths)
+
+
 def _signatures(docs: list[str], cfg: DedupConfig) -> np.ndarray:
     return np.stack([minhash(d, cfg) for d in docs])
 
