@@ -130,6 +130,9 @@ class Setup:
     """Per block: keep block inputs, recompute the rest in backward."""
     grad_accum_steps: int = 1
     """Above 1, gradients stay allocated across the forward passes of a step."""
+    reshard_after_forward: bool = True
+    """hybrid (llmtrain's FSDP2 over a shard group): False keeps every block's gathered weights from forward
+    to backward, as zero2 does (zero2 / zero3 name the choice themselves)."""
     optimizer: str = "fused"
     """AdamW implementation: fused (llmtrain, on CUDA and CPU; no temporaries) | foreach (one sqrt(v) buffer)."""
 
@@ -374,8 +377,10 @@ def _compute_copies(cfg: ModelConfig, n_params: int, setup: Setup, shards: int) 
     p = precision_of(setup.precision)
     sharded = sharded_states(setup)
     gathered = p.compute_copy or p.weights  # FSDP gathers in the compute dtype (fp32 runs gather fp32)
-    fsdp = "weights" in sharded and (shards > 1 or setup.cpu_offload)  # weights not whole on the device
-    if fsdp and setup.strategy == "zero2":  # FSDP2 without resharding: all of it, from forward to backward
+    # run by FSDP: it gathers a copy even on one device (hybrid over shard groups of one is plain DDP here)
+    fsdp = "weights" in sharded and (shards > 1 or setup.cpu_offload or setup.strategy != "hybrid")
+    keeps_all = setup.strategy == "zero2" or (setup.strategy == "hybrid" and not setup.reshard_after_forward)
+    if fsdp and keeps_all:  # no resharding after forward: all of it, from forward to backward
         return n_params * gathered
     if fsdp:  # the root unit (embeddings, head) + the current block + the prefetched one
         root = n_params - all_block_parameters(cfg)

@@ -61,14 +61,20 @@ class MemoryOptions:
         parallel_strategy, parallel_shard = strategy_of(cfg.parallel, self.world_size, precision)
         for choice in (self.activation_checkpointing, cfg.parallel.activation_checkpointing):
             checkpointing = choice if checkpointing is None else checkpointing
+        shard_size = self.shard_size or parallel_shard
+        offload = cfg.parallel.cpu_offload if self.cpu_offload is None else self.cpu_offload
         return Setup(
             precision=precision,
             strategy=strategy or self.strategy or parallel_strategy,
             world_size=self.world_size,
-            shard_size=self.shard_size or parallel_shard,
-            cpu_offload=cfg.parallel.cpu_offload if self.cpu_offload is None else self.cpu_offload,
+            shard_size=shard_size,
+            cpu_offload=offload,
             activation_checkpointing=checkpointing,
             grad_accum_steps=cfg.trainer.grad_accum_steps,
+            # hybrid: what parallel.reshard_after_forward does over its shard group (zero2/zero3 say it already)
+            reshard_after_forward=reshards_after_forward(
+                cfg.parallel.reshard_after_forward, shard_size or self.world_size, offload, precision
+            ),
         )
 
     def check(self, cfg: TrainConfig, world: str = "memory.world_size") -> None:

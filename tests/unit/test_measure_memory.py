@@ -135,6 +135,24 @@ def test_zero2_runs_as_fsdp_without_resharding_under_llmtrains_precisions():
             cfg, lengths, 2, Setup(precision=precision, strategy="zero2", world_size=4)
         )
         assert (estimate.states.weights, estimate.compute_copies) == (weights * n, gathered * n), precision
+    # HSDP without resharding keeps every gathered block too; parallel.reshard_after_forward says so
+    train = TrainConfig()
+    train.parallel.strategy, train.parallel.shard_size, train.parallel.reshard_after_forward = (
+        "fsdp",
+        2,
+        False,
+    )
+    setup = MemoryOptions(world_size=4, precision="bf16").setup(train)
+    assert (setup.strategy, setup.shard_size, setup.reshard_after_forward) == ("hybrid", 2, False)
+    estimate = estimate_memory(cfg, lengths, 2, setup)
+    assert (estimate.states.weights, estimate.compute_copies) == (2 * n, 2 * n)
+    train.parallel.reshard_after_forward = True
+    assert estimate_memory(cfg, lengths, 2, MemoryOptions(world_size=4).setup(train)).compute_copies < 2 * n
+    # FSDP wrapped on one device (asked for with parallel.reshard_after_forward) gathers a copy of its own
+    block = largest_block_parameters(cfg)
+    for precision, gathered in (("fp32", 4), ("bf16", 2)):
+        one = estimate_memory(cfg, lengths, 2, Setup(precision=precision, strategy="zero3", world_size=1))
+        assert one.compute_copies == (n - 4 * block + 2 * block) * gathered, precision
 
 
 def test_unknown_strategy_or_precision_is_a_clear_error():
