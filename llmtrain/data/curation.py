@@ -14,7 +14,12 @@ nullable. Two implementations of the filters sit behind `curation.backend`:
 
 Words, in the fast backend, are runs of letters and digits; "tokens" are whitespace-separated. Deliberate
 departures from C4's code: a line is stripped again after its citation markers are removed (C4 drops
-"A fact. [1]" because it then ends in a space).
+"A fact. [1]" because it then ends in a space). The fast backend counts C4's sentences by their end
+punctuation (. ! ? then a space, a quote or the line's end), not with a trained sentence splitter as C4 and
+datatrove do: abbreviations and initials ("Dr.", "U.S.") end a sentence there, so a document near
+`min_sentences` may be kept that datatrove drops. Duplicate n-grams (n = 5..10) cover the characters of an
+n-gram's repeated occurrences, after its first, as datatrove (FineWeb) counts them; Gopher's table counts
+every occurrence of a duplicated n-gram, so its limits bite earlier.
 
 Near-duplicates: MinHash signatures of word n-grams; LSH (bands x rows chosen for the configured Jaccard
 threshold) makes one 64-bit key per band, and documents sharing a key (or a content digest, for exact dedup)
@@ -107,7 +112,8 @@ class GopherRepetitionConfig:
     max_duplicate_ngram_char_fraction: dict[int, float] = field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
     )
-    """n -> limit on the characters covered by repeated occurrences of any n-gram."""
+    """n -> limit on the characters covered by repeated occurrences of any n-gram (after its first, as
+    datatrove/FineWeb count; Gopher counts the first too)."""
 
 
 @dataclass
@@ -126,7 +132,8 @@ class C4Config:
     remove_citations: bool = True
     """Delete Wikipedia-style [1], [edit], [citation needed] markers."""
     min_sentences: int | None = 5
-    """Drop documents with fewer sentences left after line filtering."""
+    """Drop documents with fewer sentences left after line filtering (fast backend: sentences counted by end
+    punctuation, so abbreviations count as ends; datatrove: its sentence splitter)."""
     drop_lorem_ipsum: bool = True
     drop_curly_bracket: bool = True
 
