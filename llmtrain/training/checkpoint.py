@@ -136,6 +136,21 @@ def _is_zero1(optimizer) -> bool:
     return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
 
 
+def settle_zero1(optimizer) -> None:
+    """After ZeroRedundancyOptimizer.load_state_dict: drop the wrapper's own copy of the loaded states (a run
+    that never resumed has none; on a GPU it is a second copy of this rank's Adam moments), and put Adam's
+    step counts back on their parameters' device, which fused and capturable AdamW need (ZeRO moves them to
+    the CPU, and fused AdamW on CUDA then refuses the step: pytorch/pytorch#124133)."""
+    optimizer.state.clear()
+    local = optimizer.optim
+    for group in local.param_groups:
+        if group.get("fused") or group.get("capturable"):
+            for p in group["params"]:
+                state = local.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(p.device)
+
+
 def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     if optimizer is None or _is_zero1(optimizer):
         return {"model": get_model_state_dict(model)}
@@ -174,6 +189,7 @@ def save_checkpoint(
         optimizer.consolidate_state_dict(to=0)
         if rank == 0:
             torch.save(optimizer.state_dict(), tmp / ZERO1_OPTIMIZER)
+        optimizer._all_state_dicts = []  # the gathered copy (every rank's Adam states) would stay on rank 0
     torch.save(rank_state, tmp / f"rank{rank}.pt")
     barrier()
     if rank == 0:  # written last: a folder with train_state.pt has everything else
@@ -237,7 +253,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             "Resume with the saving run's parallel settings, or start a new run_name"
         )
     if optimizer is not None and _is_zero1(optimizer):
-        optimizer.load_state_dict(torch.load(zero1_file, map_location="cpu", weights_only=True))
+        # mmap: each rank copies its own shard out of the file, not every rank's states into its memory
+        optimizer.load_state_dict(torch.load(zero1_file, map_location="cpu", weights_only=True, mmap=True))
+        settle_zero1(optimizer)
         optimizer = None  # only the model is left for DCP
     state = _sharded_state(model, optimizer)
     root = logging.getLogger()  # DCP logs a failed metadata read there, traceback included, before it raises

@@ -532,8 +532,9 @@ class Trainer:
     def state_bytes(self) -> dict[str, int]:
         """Bytes of parameters, gradients and optimizer states this rank holds, from the local tensors."""
         reshard_all(self.model)  # FSDP: count the shards, not what the last evaluation left gathered
+        states = getattr(self.optimizer, "optim", self.optimizer).state  # ZeRO-1: this rank's local optimizer
         optimizer_tensors = (
-            v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+            v for state in states.values() if state for v in state.values() if torch.is_tensor(v)
         )
         return {
             "parameters": local_bytes(self.model.parameters()),

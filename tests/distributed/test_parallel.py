@@ -160,8 +160,9 @@ def test_fsdp_accumulation_keeps_gradients_sharded(tmp_path):
         ((2, 4, ["parallel=fsdp"]), (1, 8, [])),
         ((2, 4, ["parallel=ddp"]), (2, 4, ["parallel=fsdp"])),
         ((4, 2, ["parallel=fsdp", "parallel.shard_size=2"]), (2, 4, ["parallel=ddp"])),
+        ((2, 4, ["parallel=ddp", "parallel.zero1=true"]), (2, 4, ["parallel=ddp", "parallel.zero1=true"])),
     ],
-    ids=["fsdp2-to-single", "ddp-to-fsdp", "hsdp4-to-ddp2"],
+    ids=["fsdp2-to-single", "ddp-to-fsdp", "hsdp4-to-ddp2", "zero1-to-zero1"],
 )
 def test_checkpoint_resumes_under_another_strategy(run, reference, tmp_path, first, then):
     """A run saves at step 4 of 8 and is stopped; another strategy and world size resumes it and ends
@@ -175,6 +176,7 @@ def test_checkpoint_resumes_under_another_strategy(run, reference, tmp_path, fir
     for step in range(STEPS // 2 + 1, STEPS + 1):
         assert resumed["losses"][step] == pytest.approx(reference["losses"][step], abs=1e-5), step
     assert max_weight_difference(resumed["weights"], reference["weights"]) < 1e-5
+    assert resumed["state_bytes_rank0"]["optimizer"] > 0  # the resumed rank's own Adam states, counted
 
 
 def test_fsdp_encoder_decoder_trains_and_generates(corpus_file, cache_dir, tmp_path):

@@ -82,6 +82,21 @@ def test_fsdp_on_one_gpu(cuda_config, extra):
     assert result["val_loss"] < result["initial_val_loss"] - 0.5
 
 
+def test_zero1_resumes_on_cuda(tmp_path):
+    """ZeRO-1's load moves Adam's step counts to the CPU; fused AdamW on CUDA refuses them unless they are
+    put back (one-rank NCCL group)."""
+    import torch.distributed as dist
+
+    from llmtrain.distributed.env import destroy
+    from tests.distributed.test_zero1 import save_and_resume
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        save_and_resume(tmp_path, "cuda")
+    finally:
+        destroy()
+
+
 def test_compile_bf16(cuda_config):
     trainer = Trainer(
         cuda_config("decoder", "trainer.precision=bf16", "parallel.compile=true", "run_name=compiled")
