@@ -3,6 +3,7 @@ directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -65,6 +66,43 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, from the parent ids in /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            children.setdefault(int(parent), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launched run and everything it started. torchrun starts each rank in a session of its own,
+    so killing the launcher's process group leaves the ranks running (and writing) as orphans; they are
+    found before the launcher dies, then waited for."""
+    victims = [proc.pid, *descendants(proc.pid)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return True
+
+    wait_for(lambda: all(gone(pid) for pid in victims), timeout=30)
+
+
 def kill_and_resume(launch_cmd: list[str], run_dir: Path, delays: list[float], during_save: int) -> None:
     """Start the run (it resumes from the newest complete checkpoint), SIGKILL it at each moment in turn;
     the kill number `during_save` waits for a save in progress first. After every kill, the newest
@@ -80,7 +118,7 @@ def kill_and_resume(launch_cmd: list[str], run_dir: Path, delays: list[float], d
         else:
             time.sleep(delay)
         assert proc.poll() is None, "the run finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+        kill_tree(proc)  # the launcher and every rank
         proc.wait()
         latest = latest_checkpoint(run_dir)
         assert read_train_state(latest)["step"] == int(latest.name[5:])

@@ -125,10 +125,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep_last_k: int) -> list[Path]:
-    """Delete all but the newest keep_last_k complete checkpoints (never the newest); returns what went."""
+    """Delete all but the newest keep_last_k complete checkpoints (never the newest); returns what went.
+    Each is first renamed out of the step-XXXXXXX names (.step-XXXXXXX.pruned), so a process killed while
+    deleting leaves a folder no resume takes for a checkpoint (the next save clears it), not a step folder
+    that still has its train_state.pt but lacks part of its weights."""
     doomed = complete_checkpoints(run_dir)[: -max(keep_last_k, 1)]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        gone = path.with_name(f".{path.name}.pruned")
+        os.replace(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return doomed
 
 
@@ -177,6 +182,7 @@ def save_checkpoint(
         stale = [
             *run_dir.glob(".step-*.partial"),
             *run_dir.glob(".step-*.replaced"),
+            *run_dir.glob(".step-*.pruned"),
         ]  # left by a crashed save
         for folder in stale:
             shutil.rmtree(folder, ignore_errors=True)
@@ -198,10 +204,12 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(final, replaced)
+        elif (
+            keep_last_k
+        ):  # room for the new one first: never more than keep_last_k complete, even killed here
+            prune_checkpoints(run_dir, keep_last_k - 1)
         os.replace(tmp, final)
         shutil.rmtree(replaced, ignore_errors=True)
-        if keep_last_k:
-            prune_checkpoints(run_dir, keep_last_k)
     barrier()
     return final
 

@@ -139,6 +139,47 @@ def test_keep_last_k(tiny_config):
     assert [p.name for p in complete_checkpoints(trainer.run_dir)] == ["step-0000005", "step-0000006"]
 
 
+def test_a_kill_while_pruning_or_saving_leaves_at_most_k_whole_checkpoints(tiny_config, monkeypatch):
+    """keep_last_k=2 with a save every step. Killed inside the deletion of an old checkpoint: that folder is no
+    longer a step folder (no resume takes a half-deleted one for the newest), and the next save clears it.
+    Killed just before the new checkpoint moves in: the old ones are already down to k - 1."""
+    trainer = Trainer(
+        tiny_config(
+            "decoder", "trainer.max_steps=3", "trainer.checkpoint_interval=1", "trainer.keep_last_k=2"
+        )
+    )
+    trainer.fit()
+    run_dir = trainer.run_dir
+    real_rmtree, real_replace = checkpoint_module.shutil.rmtree, checkpoint_module.os.replace
+
+    def killed_while_deleting(path, *a, **k):
+        if str(path).endswith(".pruned"):
+            (Path(path) / "__0_0.distcp").unlink()  # part of it gone, then the process dies
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_while_deleting)
+    trainer.step += 1
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-0000003"]
+    assert latest_checkpoint(run_dir).name == "step-0000003" and (run_dir / ".step-0000002.pruned").is_dir()
+    monkeypatch.undo()
+
+    def killed_before_moving_in(src, dst):
+        if Path(src).name.endswith(".partial"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    trainer.save()  # step 4 (clears the leftover), then step 5 killed before it moves in
+    assert not list(run_dir.glob(".step-*.pruned"))
+    monkeypatch.setattr(checkpoint_module.os, "replace", killed_before_moving_in)
+    trainer.step += 1
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-0000004"]
+
+
 def nan_at(trainer: Trainer, bad_calls: set[int]) -> None:
     """Make the training forward return a NaN loss on the given (1-based) calls."""
     forward, calls = trainer.forward_model, [0]
