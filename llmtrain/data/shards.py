@@ -299,9 +299,8 @@ def _encode(texts: list[str], tokenizer: Tokenizer, encoding=None) -> list[list[
         return tokenizer.encode_documents(texts)
     out = [encoding.encode_ordinary(t) for t in texts]
     for text, ids in zip(texts, out):
-        if zlib.crc32(text.encode("utf-8")) % TIKTOKEN_CHECK_EVERY == 0 and [
-            ids
-        ] != tokenizer.encode_documents([text]):
+        checked = zlib.crc32(text.encode("utf-8")) % TIKTOKEN_CHECK_EVERY == 0
+        if checked and tokenizer.encode_documents([text])[0] != ids:
             raise DataError(
                 "tiktoken and tokenizers encode a document differently (its first 80 characters: "
                 f"{text[:80]!r}); set prepare.tokenizer_backend=tokenizers"

@@ -204,9 +204,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(final, replaced)
-        elif (
-            keep_last_k
-        ):  # room for the new one first: never more than keep_last_k complete, even killed here
+        elif keep_last_k:  # room first: never more than keep_last_k complete, even if killed here
             prune_checkpoints(run_dir, keep_last_k - 1)
         os.replace(tmp, final)
         shutil.rmtree(replaced, ignore_errors=True)
