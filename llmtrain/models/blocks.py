@@ -86,6 +86,17 @@ def make_norm(cfg: ModelConfig, feeds_matmuls: bool = False) -> nn.Module:
     return LayerNorm(cfg.d_model, cfg.norm_eps, bias=cfg.bias)
 
 
+def key_padding(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """A (B, T) padding mask as bool, True = real token: bool as given, 0/1 integers (Hugging Face's
+    convention) compared with 0. A float mask is refused: added to the scores as a bias it would keep
+    padding and, standing in for the causal mask, let a decoder see the future."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f"{name} must be bool or 0/1 integers (True / 1 = a real token); got {mask.dtype}")
+    return mask != 0
+
+
 def padding_to_attn_mask(key_padding: torch.Tensor | None, q_len: int, causal: bool) -> torch.Tensor | None:
     """Self-attention mask (B, 1, T, T), True = may attend, from key_padding (B, T) with True = real token.
 
@@ -569,6 +580,8 @@ class Stack(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)
+        attention_mask = key_padding(attention_mask, "attention_mask")
+        context_mask = key_padding(context_mask, "the encoder's attention_mask")
         mask = self.self_attention_mask(attention_mask, T, past, device, document_ids)
         cross_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
         if document_ids is not None and context_document_ids is not None:

@@ -165,6 +165,32 @@ def test_encoder_decoder_input_padding_matches_unpadded():
     torch.testing.assert_close(batched[1:], alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder_decoder"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_hugging_face_style_integer_masks_equal_bool_masks(family, precision):
+    """attention_mask as 0/1 integers (Hugging Face's convention) means what the bool mask means, on every
+    attention path (CPU bf16 takes the matmul one); a float mask is refused, not added as a bias."""
+    model = tiny_model(family)
+    ids = random_ids(2, 12, seed=13)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 8:] = False
+    extra = (random_ids(2, 6, seed=14),) if family == "encoder_decoder" else ()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        as_bool = model(ids, *extra, attention_mask=mask).logits
+        as_long = model(ids, *extra, attention_mask=mask.long()).logits
+        torch.testing.assert_close(as_long, as_bool, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="attention_mask must be bool or 0/1 integers"):
+            model(ids, *extra, attention_mask=mask.float())
+        if (
+            family == "decoder"
+        ):  # no padding, as integers: still causal (a later token changes no earlier logit)
+            changed = ids.clone()
+            changed[:, 8] = (changed[:, 8] + 1) % 64
+            ones = torch.ones(2, 12, dtype=torch.long)
+            before, after = model(ids, attention_mask=ones).logits, model(changed, attention_mask=ones).logits
+            assert torch.equal(before[:, :8], after[:, :8])
+
+
 # --- attention variants ---------------------------------------------------------------------------------------
 
 
