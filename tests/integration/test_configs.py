@@ -36,6 +36,20 @@ def test_each_model_picks_its_objective(model, objective):
     assert cfg.model.family == model and cfg.objective.name == objective
 
 
+MODELS = sorted(f.stem for f in (CONFIGS / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_debug_tiny_shrinks_every_model(model):
+    """debug=tiny is "any model, in seconds": every preset validates, and none keeps a full-size part (a
+    llama's grouped heads, a T5's 12 decoder layers, BERT's 3072-wide MLP)."""
+    from llmtrain.measure.shapes import model_config_for, parameter_count
+
+    cfg = to_dataclass(compose_config([f"model={model}", "debug=tiny", "run_name=x"]))
+    validate(cfg)
+    assert parameter_count(model_config_for(cfg)) < 500_000, model
+
+
 def test_unknown_key_is_refused_at_composition():
     with pytest.raises(ConfigCompositionException, match="model.n_layer") as info:
         compose_config(["model.n_layer=3", "run_name=x"])
