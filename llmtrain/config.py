@@ -317,40 +317,25 @@ def validate_lengths(cfg: TrainConfig) -> None:
             f"{cfg.model.max_seq_len}; allowed: data.seq_len <= {cfg.model.max_seq_len}"
         )
     if cfg.objective.name == "span_corruption":
-        from llmtrain.objectives import compute_input_and_target_lengths
+        from llmtrain.objectives.span_corruption import span_windows
 
-        _, targets = compute_input_and_target_lengths(
-            cfg.data.seq_len, cfg.objective.noise_density, cfg.objective.mean_noise_span_length
-        )
-        targets = cfg.objective.targets_length or targets
+        _, derived, _ = span_windows(cfg)
+        given = cfg.objective.targets_length
+        if given is not None and given < derived:
+            raise ConfigError(
+                f"objective.targets_length={given} is shorter than the {derived} targets that data.seq_len="
+                f"{cfg.data.seq_len} inputs at objective.noise_density={cfg.objective.noise_density} produce; "
+                f"allowed: >= {derived} or null (derived)"
+            )
+        targets = given or derived
         if targets > cfg.model.max_seq_len:
             raise ConfigError(
                 f"span corruption targets of {targets} tokens exceed model.max_seq_len={cfg.model.max_seq_len}"
             )
 
 
-def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
-    """Everything that can be checked before data, model or run directory exist. trains_bpe: a byte-level BPE
-    is trained when data.tokenizer.path is not set (training, prepare_data; not train_tokenizer's other kinds)."""
-    try:
-        check_model_config(cfg.model)
-    except ModelConfigError as err:
-        raise ConfigError(str(err)) from None
-    _one_of("objective.name", cfg.objective.name, tuple(OBJECTIVE_FAMILY))
-    wanted = OBJECTIVE_FAMILY[cfg.objective.name]
-    if wanted != cfg.model.family:
-        raise ConfigError(
-            f"objective.name={cfg.objective.name} trains the {wanted} family but model.family={cfg.model.family}; "
-            f"allowed for {cfg.model.family}: "
-            + ", ".join(k for k, v in OBJECTIVE_FAMILY.items() if v == cfg.model.family)
-        )
-    try:  # the objective's own rules, checked before any data is read
-        if cfg.objective.name == "mlm":
-            check_mlm_rates(cfg.objective.select_rate, cfg.objective.mask_rate, cfg.objective.random_rate)
-        elif cfg.objective.name == "span_corruption":
-            check_span_settings(cfg.objective.noise_density, cfg.objective.mean_noise_span_length)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+def validate_data(cfg: TrainConfig) -> None:
+    """Where the tokens come from: a source with what it needs, or prepared shards / a mixture of them."""
     _one_of("data.source", cfg.data.source, ("stdlib", "files", "hub"))
     prepared = bool(cfg.data.shards or cfg.data.mixture)  # tokens come from shards: the source is not read
     if cfg.data.source == "files" and not cfg.data.paths and not prepared:
@@ -377,10 +362,53 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
     for name in ("max_documents", "max_bytes"):
         if getattr(cfg.data, name) is not None:
             check_positive(f"data.{name}", getattr(cfg.data, name))
+
+
+def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
+    """Everything that can be checked before data, model or run directory exist. trains_bpe: a byte-level BPE
+    is trained when data.tokenizer.path is not set (training, prepare_data; not train_tokenizer's other kinds)."""
+    try:
+        check_model_config(cfg.model)
+    except ModelConfigError as err:
+        raise ConfigError(str(err)) from None
+    _one_of("objective.name", cfg.objective.name, tuple(OBJECTIVE_FAMILY))
+    wanted = OBJECTIVE_FAMILY[cfg.objective.name]
+    if wanted != cfg.model.family:
+        raise ConfigError(
+            f"objective.name={cfg.objective.name} trains the {wanted} family but model.family={cfg.model.family}; "
+            f"allowed for {cfg.model.family}: "
+            + ", ".join(k for k, v in OBJECTIVE_FAMILY.items() if v == cfg.model.family)
+        )
+    try:  # the objective's own rules, checked before any data is read
+        if cfg.objective.name == "mlm":
+            check_mlm_rates(cfg.objective.select_rate, cfg.objective.mask_rate, cfg.objective.random_rate)
+        elif cfg.objective.name == "span_corruption":
+            check_span_settings(cfg.objective.noise_density, cfg.objective.mean_noise_span_length)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    validate_data(cfg)
+    prepared = bool(cfg.data.shards or cfg.data.mixture)
     validate_lengths(cfg)
     check_positive("data.tokenizer.vocab_size", cfg.data.tokenizer.vocab_size)
+    tok = cfg.data.tokenizer
+    check_positive("data.tokenizer.train_bytes", tok.train_bytes)
+    _non_negative("data.tokenizer.min_frequency", tok.min_frequency)
+    _non_negative(
+        "data.tokenizer.n_sentinels", tok.n_sentinels, " (0: no sentinels; span corruption needs them)"
+    )
     if trains_bpe and cfg.data.tokenizer.path is None and not prepared:  # a BPE is trained on the data
         from llmtrain.data.tokenizer import min_vocab_size
+
+        if cfg.objective.name == "span_corruption":  # one sentinel per noise span of a window
+            from llmtrain.objectives.span_corruption import span_windows
+
+            spans = span_windows(cfg)[2]
+            if cfg.data.tokenizer.n_sentinels < spans:
+                raise ConfigError(
+                    f"data.tokenizer.n_sentinels={cfg.data.tokenizer.n_sentinels} is fewer than the {spans} noise "
+                    f"spans of a data.seq_len={cfg.data.seq_len} window; allowed: >= {spans} (or a longer "
+                    "objective.mean_noise_span_length, a lower objective.noise_density or data.seq_len)"
+                )
 
         floor = min_vocab_size(cfg.data.tokenizer.n_sentinels)
         if cfg.data.tokenizer.vocab_size < floor:
@@ -426,6 +454,10 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
             f"trainer.keep_last_k={cfg.trainer.keep_last_k} must be >= 2 (a crash mid-save needs a spare)"
         )
     check_positive("trainer.stop_check_interval", cfg.trainer.stop_check_interval)
+    _non_negative("trainer.max_skips", cfg.trainer.max_skips)
+    _non_negative("trainer.spike_factor", cfg.trainer.spike_factor, " (0: no spike detection)")
+    _non_negative("trainer.peak_tflops", cfg.trainer.peak_tflops, " (0: the datasheet or a matmul probe)")
+    check_positive("parallel.timeout_minutes", cfg.parallel.timeout_minutes)
     resolve_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.trainer.global_batch_size is not None:
         check_positive("trainer.global_batch_size", cfg.trainer.global_batch_size)
@@ -435,8 +467,9 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
     _unit_interval("optim.beta2", cfg.optim.beta2)
     check_positive("optim.eps", cfg.optim.eps)
     _one_of("optim.schedule", cfg.optim.schedule, ("cosine", "linear", "constant"))
-    if cfg.optim.warmup_steps < 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise ConfigError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+    _non_negative("optim.warmup_steps", cfg.optim.warmup_steps)
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio} must be in [0, 1]")
     if not math.isfinite(cfg.optim.grad_clip) or cfg.optim.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip={cfg.optim.grad_clip} must be >= 0 (0 disables clipping)")
     _one_of("logger.wandb", cfg.logger.wandb, ("offline", "online", "disabled"))

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llmtrain.cli import device, number, output_file
-from llmtrain.config import ConfigError, TrainConfig, to_dataclass, validate_lengths
+from llmtrain.config import ConfigError, TrainConfig, to_dataclass, validate_data, validate_lengths
 from llmtrain.data import DataError
 from llmtrain.data.mixture import build_loaders, load_corpus
 from llmtrain.data.tokenizer import atomic_write_text
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if not from_run and "data.seq_len" not in setting_keys(args.set):
             # an exported folder: the default length, or the model's own where that is shorter
             cfg.data.seq_len = min(cfg.data.seq_len, loaded.cfg.max_seq_len)
+        validate_data(cfg)  # e.g. --data files without data.paths
         validate_lengths(cfg)  # e.g. a data.seq_len beyond the model's position table
         # the corpus as the trainer reads it: data.shards, data.mixture (its loaders below), or tokenised here
         corpus = load_corpus(cfg.data)

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from llmtrain.cli import output_file
+
 X_LABELS = {"step": "step", "tokens": "tokens", "flops": "training FLOPs"}
 
 
@@ -84,6 +86,7 @@ def plot_runs(run_dirs: list[Path], out: Path, x: str = "step", log_x: bool = Fa
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.tight_layout()
+    out = out if out.suffix else out.with_suffix(".png")  # what matplotlib writes for a name without one
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
@@ -95,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories or globs (quote them)")
     parser.add_argument("--x", choices=sorted(X_LABELS), default="step", help="x axis (default: step)")
     parser.add_argument("--log-x", action="store_true", help="logarithmic x axis")
-    parser.add_argument("--out", type=Path, default=Path("runs/curves.png"), help="PNG to write")
+    parser.add_argument(
+        "--out",
+        type=output_file,
+        default=Path("runs/curves.png"),
+        help="PNG to write (its folder must exist)",
+    )
     args = parser.parse_args(argv)
     run_dirs = sorted({Path(p) for pattern in args.runs for p in (glob.glob(pattern) or [pattern])})
     run_dirs = [d for d in run_dirs if d.is_dir()]

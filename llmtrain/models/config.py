@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 FAMILIES = ("encoder", "decoder", "encoder_decoder")
@@ -165,5 +166,10 @@ def check_model_config(cfg: ModelConfig) -> None:
         "model.init_from is empty; allowed: null or a Hugging Face model folder",
     )
     need(cfg.vocab_size >= 0, f"model.vocab_size={cfg.vocab_size} must be >= 0 (0 = from the tokenizer)")
+    need(cfg.init_std >= 0 and math.isfinite(cfg.init_std), f"model.init_std={cfg.init_std} must be >= 0")
+    need(
+        cfg.position != "rope" or (cfg.rope_theta > 0 and math.isfinite(cfg.rope_theta)),
+        f"model.rope_theta={cfg.rope_theta} must be > 0 (the rotary base: 10000 in RoPE, 500000 in LLaMA 3)",
+    )
     if cfg.n_decoder_layers is not None:
         need(cfg.n_decoder_layers > 0, f"model.n_decoder_layers={cfg.n_decoder_layers} must be positive")

@@ -26,6 +26,15 @@ def span_lengths(
     return num_noise_tokens, num_noise_spans, inputs_length, targets_length
 
 
+def span_windows(cfg) -> tuple[int, int, int]:
+    """(raw window length, derived targets length, noise spans per window) for a TrainConfig's settings."""
+    o = cfg.objective
+    raw, targets = compute_input_and_target_lengths(
+        cfg.data.seq_len, o.noise_density, o.mean_noise_span_length
+    )
+    return raw, targets, span_lengths(raw, o.noise_density, o.mean_noise_span_length)[1]
+
+
 def compute_input_and_target_lengths(
     inputs_length: int, noise_density: float, mean_noise_span_length: float
 ) -> tuple[int, int]:
@@ -92,7 +101,8 @@ class SpanCorruption:
         if self.num_noise_spans > len(sentinel_ids):
             raise ValueError(
                 f"span corruption needs {self.num_noise_spans} sentinels per window but the tokenizer has "
-                f"{len(sentinel_ids)}; lower data.seq_len or objective.noise_density"
+                f"{len(sentinel_ids)} (data.tokenizer.n_sentinels); use a tokenizer with more, or lower data.seq_len "
+                "or objective.noise_density, or raise objective.mean_noise_span_length"
             )
         self.inputs_pad = inputs_length - inputs_out  # 0 unless the window could not be fitted exactly
         self.target_length = targets_length or targets_out

@@ -161,7 +161,9 @@ def test_evaluate_reads_the_shards_and_mixture_a_run_trained_on(corpus_file, cac
         # the trainer's own final evaluation: the same windows of the same validation split
         assert fp32["bpb"] == pytest.approx(trainer.result["val_bpb"], rel=1e-6), data
         assert fp32["loss"] == pytest.approx(trainer.result["val_loss"], rel=1e-6), data
-    # --data NAME replaces the run's data, its shards included
+    # --data NAME replaces the run's data, its shards included; one without what it needs is named
+    assert evaluate([str(trainer.run_dir), "--data", "files", "--batches", "1"]) == 2
+    assert "error: data.paths is empty" in capsys.readouterr().err
     args = ["--data", "files", "--set", f"data.paths=[{corpus_file}]", "--batches", "2", "--batch-size", "8"]
     assert evaluate([str(trainer.run_dir), *args]) == 0
     fp32 = json.loads(capsys.readouterr().out)["results"]["fp32"]

@@ -211,10 +211,24 @@ def test_an_unreadable_train_state_is_refused_naming_the_file(tiny_config):
         ("data.tokenizer.vocab_size=300", "data.tokenizer.vocab_size=300 is too small"),
         ("run_name=..", "run_name='..'"),
         ("parallel.strategy=fsdp", "parallel.shard_size=3 must divide the world size 1"),
+        ("model.init_std=-1", "model.init_std=-1.0 must be >= 0"),
+        ("model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
+        ("data.tokenizer.min_frequency=-1", "data.tokenizer.min_frequency=-1"),
+        ("data.tokenizer.n_sentinels=-5", "data.tokenizer.n_sentinels=-5"),
+        ("data.tokenizer.train_bytes=0", "data.tokenizer.train_bytes=0"),
+        ("trainer.max_skips=-1", "trainer.max_skips=-1"),
+        ("trainer.spike_factor=-1", "trainer.spike_factor=-1"),
+        ("trainer.peak_tflops=-5", "trainer.peak_tflops=-5"),
+        ("parallel.timeout_minutes=-1", "parallel.timeout_minutes=-1"),
+        ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio=1.5 must be in [0, 1]"),
+        # span corruption: the sentinels a window needs, and a targets length below the derived one
+        ("data.tokenizer.n_sentinels=2", "data.tokenizer.n_sentinels=2 is fewer than the"),
+        ("objective.targets_length=0", "objective.targets_length=0 is shorter than the"),
     ],
 )
 def test_settings_out_of_range_are_refused_by_validate(tiny_config, override, named):
-    model = "encoder_decoder" if "noise" in override else "decoder"
+    span_corruption = ("noise", "n_sentinels=2", "targets_length")
+    model = "encoder_decoder" if any(part in override for part in span_corruption) else "decoder"
     extra = ["parallel.shard_size=3"] if "fsdp" in override else []
     cfg = tiny_config(model, *extra, override)
     with pytest.raises(ConfigError, match=re.escape(named)):

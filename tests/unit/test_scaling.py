@@ -202,3 +202,20 @@ def test_a_window_around_the_best_run_fits_an_asymmetric_valley():
         assert m.n_max < CHINCHILLA.optimal(m.budget)[0] * 2
     with pytest.raises(ScalingError, match="neighbors=0 must be >= 1"):
         fit_scaling(wide, neighbors=0)
+
+
+def test_plot_writes_where_it_says(tmp_path, capsys):
+    """--out without a suffix is written as .png and reported so; a folder that does not exist is refused
+    before any work (nothing created)."""
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("plot", ROOT / "scripts" / "plot.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    write_run(tmp_path / "a", 1e9, 32, 3.0, steps=10)
+    assert plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "curves")]) == 0
+    assert (
+        tmp_path / "curves.png"
+    ).is_file() and f"wrote {tmp_path / 'curves.png'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "missing" / "x.png")])
+    assert stop.value.code == 2 and not (tmp_path / "missing").exists()
