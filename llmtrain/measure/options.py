@@ -25,7 +25,7 @@ from llmtrain.config import (
     to_dataclass,
     validate,
 )
-from llmtrain.measure.hardware import GIB, accelerator
+from llmtrain.measure.hardware import ACCELERATORS, GIB, accelerator
 from llmtrain.measure.memory import PRECISIONS, STRATEGIES, Setup
 from llmtrain.measure.planning import device_budget, device_peak_flops, from_pf_days
 
@@ -84,6 +84,8 @@ class MemoryOptions:
             check_positive(
                 "memory.gpu_memory_gib", self.gpu_memory_gib, " (null: the table's size for memory.gpu)"
             )
+        else:
+            known_device("memory.gpu", self.gpu, "memory.gpu_memory_gib")
         if not 0 < self.usable_fraction <= 1:
             raise ValueError(f"memory.usable_fraction={self.usable_fraction} must be in (0, 1]")
         _whole(world, self.world_size, "(data-parallel devices)")
@@ -110,6 +112,20 @@ class MemoryOptions:
     def usable_bytes(self) -> float:
         gib = self.gpu_memory_gib or accelerator(self.gpu).memory_gib
         return gib * GIB * self.usable_fraction
+
+
+PEAK_DTYPES = ("bf16", "fp16", "tf32", "fp32")
+
+
+def known_device(setting: str, name: str, instead: str) -> None:
+    """A device name the peak table knows, else an error naming the setting and the one to give instead."""
+    try:
+        accelerator(name)
+    except ValueError:
+        raise ValueError(
+            f"{setting}={name!r} is not in the peak table ({', '.join(ACCELERATORS)}); name one of those or "
+            f"set {instead}"
+        ) from None
 
 
 def strategy_of(parallel: ParallelConfig, world_size: int, precision: str) -> tuple[str, int | None]:
@@ -157,6 +173,10 @@ class PlanOptions:
         """Every option in its range, named; a budget together with plan.params or plan.tokens is refused
         (the budget alone fixes both)."""
         _whole("plan.devices", self.devices, "(data-parallel devices)")
+        if self.dtype not in PEAK_DTYPES:
+            raise ValueError(f"plan.dtype={self.dtype!r} has no peak; allowed: {', '.join(PEAK_DTYPES)}")
+        if self.peak_tflops is None:
+            known_device("plan.device", self.device, "plan.peak_tflops")
         if not 0 < self.mfu <= 1:
             raise ValueError(f"plan.mfu={self.mfu} must be in (0, 1] (a fraction of the peak: 0.4 is 40%)")
         for name in ("peak_tflops", "params", "tokens", "aspect_ratio"):

@@ -172,6 +172,10 @@ def test_unknown_strategy_or_precision_is_a_clear_error():
         ({"usable_fraction": 1.5}, r"memory.usable_fraction=1.5 must be in \(0, 1\]"),
         ({"strategy": "zero9"}, r"memory.strategy='zero9' is unknown; allowed: ddp"),
         ({"world_size": 8, "shard_size": 3}, r"memory.shard_size=3 must divide memory.world_size=8"),
+        (
+            {"gpu": "V100"},
+            r"memory.gpu='V100' is not in the peak table .*; name one of those or set memory.gpu_memory_gib",
+        ),
     ],
 )
 def test_memory_options_out_of_range_are_named(options, message):

@@ -105,6 +105,11 @@ def test_plan_options_take_exactly_one_positive_budget():
         ({"tokens": -5}, r"plan.tokens=-5 must be > 0"),
         ({"pf_days": 100, "params": 1e9}, r"plan.pf_days and plan.params over-determine the plan"),
         ({"hours": 5, "tokens": 1e9}, r"plan.hours and plan.tokens over-determine the plan"),
+        ({"dtype": "fp8"}, r"plan.dtype='fp8' has no peak; allowed: bf16, fp16, tf32, fp32"),
+        (
+            {"device": "V100"},
+            r"plan.device='V100' is not in the peak table .*; name one of those or set plan.peak_tflops",
+        ),
     ],
 )
 def test_plan_options_out_of_range_or_over_determined_are_named(options, message):
@@ -113,7 +118,13 @@ def test_plan_options_out_of_range_or_over_determined_are_named(options, message
 
 
 def test_plan_options_in_range_pass():
-    for options in ({}, {"pf_days": 100, "devices": 64}, {"params": 175e9, "tokens": 300e9}, {"mfu": 1.0}):
+    for options in (
+        {},
+        {"pf_days": 100, "devices": 64},
+        {"params": 175e9, "tokens": 300e9},
+        {"mfu": 1.0},
+        {"device": "TPUv5", "peak_tflops": 197},
+    ):
         PlanOptions(**options).check()
 
 
