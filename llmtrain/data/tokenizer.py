@@ -17,6 +17,10 @@ PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
 BASE_SPECIALS = [PAD, BOS, EOS, UNK, MASK]
 
 
+NOT_TEXT = "\U0010ffff"
+"""A Unicode noncharacter: a prefix that makes a vocabulary entry impossible to match in any text."""
+
+
 def sentinel(i: int) -> str:
     return f"<extra_id_{i}>"
 
@@ -65,7 +69,17 @@ class Tokenizer:
     def plain(self) -> HFTokenizer:
         """The same tokenizer reading special-token text as plain text (made on first use)."""
         if self._plain is None:
-            self._plain = HFTokenizer.from_str(self.hf.to_str())
+            spec = json.loads(self.hf.to_str())
+            if (
+                spec["model"]["type"] == "Unigram"
+            ):  # its specials are also pieces of the model (scored highest):
+                specials = set(
+                    special_tokens(len(self.sentinel_ids))
+                )  # spelt here as no text is, at the same ids
+                for piece in spec["model"]["vocab"]:
+                    if piece[0] in specials:
+                        piece[0] = NOT_TEXT + piece[0]
+            self._plain = HFTokenizer.from_str(json.dumps(spec))
             self._plain.encode_special_tokens = True
         return self._plain
 

@@ -27,12 +27,12 @@ def span_lengths(
 
 
 def span_windows(cfg) -> tuple[int, int, int]:
-    """(raw window length, derived targets length, noise spans per window) for a TrainConfig's settings."""
+    """(raw window length, targets length, noise spans per window) for a TrainConfig's settings: what
+    SpanCorruption makes of a window (its span_lengths, which can be one shorter than the search's estimate)."""
     o = cfg.objective
-    raw, targets = compute_input_and_target_lengths(
-        cfg.data.seq_len, o.noise_density, o.mean_noise_span_length
-    )
-    return raw, targets, span_lengths(raw, o.noise_density, o.mean_noise_span_length)[1]
+    raw, _ = compute_input_and_target_lengths(cfg.data.seq_len, o.noise_density, o.mean_noise_span_length)
+    _, spans, _, targets = span_lengths(raw, o.noise_density, o.mean_noise_span_length)
+    return raw, targets, spans
 
 
 def compute_input_and_target_lengths(

@@ -61,6 +61,22 @@ def test_special_token_text_in_a_document_is_text(tokenizer):
     assert {tokenizer.eos_id, tokenizer.mask_id, tokenizer.sentinel_ids[0], tokenizer.pad_id} <= prompt
 
 
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "wordpiece"])
+def test_special_token_text_is_text_for_every_tokenizer_kind(kind):
+    """A Unigram model also holds the special tokens as pieces of its own vocabulary, scored highest: they
+    must not be picked for a document's text either."""
+    from llmtrain.data.tokenizer import train_tokenizer
+
+    # every character of SPECIAL_TEXT is known (no <unk>): the text with the markers broken up
+    texts = DOCS * 4 + [SPECIAL_TEXT.replace("<", "< ").replace(">", " >")] * 20
+    tok = train_tokenizer(texts, kind, 600, n_sentinels=10)
+    (ids,) = tok.encode_documents([SPECIAL_TEXT])
+    assert not set(ids) & set(tok.special_ids), [tok.hf.id_to_token(i) for i in ids if i in tok.special_ids]
+    if kind != "wordpiece":  # (WordPiece keeps no spaces)
+        assert tok.decode(ids) == SPECIAL_TEXT
+    assert tok.mask_id in tok.encode(SPECIAL_TEXT)  # a prompt's marker is still the token
+
+
 def test_special_tokens_count_zero_bytes(tokenizer):
     assert tokenizer.token_bytes()[tokenizer.special_ids].sum() == 0
 

@@ -239,6 +239,29 @@ def reassemble(inputs: list[int], targets: list[int]) -> tuple[list[int], list[b
     return tokens, noise, input_sentinels, target_sentinels
 
 
+def test_validation_knows_the_lengths_the_objective_makes():
+    """validate() refuses a short objective.targets_length and too few sentinels from `span_windows`; it must
+    agree with what SpanCorruption itself makes of a window, density 0.5 included (where the search's target
+    estimate is one longer than the window's own)."""
+    from types import SimpleNamespace
+
+    from llmtrain.objectives.span_corruption import span_windows
+
+    for seq_len in (8, 31, 48, 64, 129, 512):
+        for density, mean_span in ((0.15, 3.0), (0.5, 1.0), (0.5, 3.0), (0.3, 2.0)):
+            cfg = SimpleNamespace(
+                data=SimpleNamespace(seq_len=seq_len),
+                objective=SimpleNamespace(noise_density=density, mean_noise_span_length=mean_span),
+            )
+            raw, targets, spans = span_windows(cfg)
+            objective = SpanCorruption(seq_len, list(range(5, 5 + spans)), 2, 0, 0, density, mean_span)
+            assert (raw, targets, spans) == (
+                objective.raw_length,
+                objective.target_length,
+                objective.num_noise_spans,
+            )
+
+
 def test_span_corruption_shapes_and_round_trip():
     objective = span_objective(512)
     assert objective.raw_length == 568 and objective.target_length == 114
