@@ -70,12 +70,10 @@ class Tokenizer:
         """The same tokenizer reading special-token text as plain text (made on first use)."""
         if self._plain is None:
             spec = json.loads(self.hf.to_str())
-            if (
-                spec["model"]["type"] == "Unigram"
-            ):  # its specials are also pieces of the model (scored highest):
-                specials = set(
-                    special_tokens(len(self.sentinel_ids))
-                )  # spelt here as no text is, at the same ids
+            # a Unigram model also holds the specials as pieces of its own, scored highest: spelt here as no
+            # text is, at the same ids
+            if spec["model"]["type"] == "Unigram":
+                specials = set(special_tokens(len(self.sentinel_ids)))
                 for piece in spec["model"]["vocab"]:
                     if piece[0] in specials:
                         piece[0] = NOT_TEXT + piece[0]
