@@ -40,6 +40,23 @@ def launch(
     return proc
 
 
+def run_on_ranks(tmp_path: Path, source: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """A fresh interpreter per rank under torchrun, running `source`; it must end with return code 0."""
+    script = tmp_path / "on_ranks.py"
+    script.write_text(source)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(script),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
     """Training loss per logged step (run with trainer.log_interval=1 for every step)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -86,8 +86,7 @@ class Tokenizer:
         as those characters, not as the special token (only the data pipeline and the objectives put special
         tokens into a stream: an EOS inside a document would end it there for document attention, a stray
         <mask> would be an input the objective never made)."""
-        fast = getattr(self.plain, "encode_batch_fast", None) or self.plain.encode_batch  # fast: no offsets
-        return [e.ids for e in fast(texts, add_special_tokens=False)]
+        return [e.ids for e in self.plain.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -299,7 +299,7 @@ class Trainer:
 
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         resolved_config = resolved_config or dataclasses.asdict(cfg)
-        self.resumed = resumed = self._resume()  # refuses a run directory it cannot continue before writing
+        self.resumed = self._resume()  # refuses a run directory it cannot continue before writing into it
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
@@ -309,7 +309,7 @@ class Trainer:
                 shutil.copyfile(source, kept)
         barrier()
         self.metrics = (
-            MetricsLog(cfg, self.run_dir, resolved_config, self.step if resumed else None)
+            MetricsLog(cfg, self.run_dir, resolved_config, self.step if self.resumed else None)
             if self.dist.is_main
             else None
         )
@@ -391,6 +391,12 @@ class Trainer:
         elif not enabled and isinstance(self.forward_model, torch.nn.parallel.DistributedDataParallel):
             return self.forward_model.no_sync()
         return contextlib.nullcontext()
+
+    def evaluates_at(self, step: int) -> bool:
+        """The training loop evaluates after `step` (an interval before the last step; the final evaluation
+        follows the last one)."""
+        t = self.cfg.trainer
+        return bool(t.eval_interval) and step % t.eval_interval == 0 and step < t.max_steps
 
     def log(self, message: str, *args) -> None:
         if self.dist.is_main:
@@ -665,8 +671,7 @@ class Trainer:
         self.log_evaluation(first)
         # a resumed run logs its evaluation at the checkpoint's step only where an uninterrupted run logs one:
         # at an evaluation interval before the last step (the final evaluation logs that one)
-        at_interval = t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps
-        if not self.resumed or at_interval:
+        if not self.resumed or self.evaluates_at(self.step):
             self.write_metrics({"step": self.step, **first})
         result = {"initial_" + k: v for k, v in first.items()}
 
@@ -784,7 +789,7 @@ class Trainer:
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             # evaluation and checkpoints are not training: off the window's clock, once the queued steps are done
-            evaluate = t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.max_steps
+            evaluate = self.evaluates_at(self.step)
             save = (
                 t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and self.step < t.max_steps
             )

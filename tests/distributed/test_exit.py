@@ -7,15 +7,13 @@ A group's gloo threads that are still alive when the interpreter finalizes can a
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_overrides
-from tests.helpers import TORCH_ENDS_GROUPS, launch
+from tests.conftest import tiny_overrides
+from tests.helpers import TORCH_ENDS_GROUPS, launch, run_on_ranks
 
 pytestmark = [
     pytest.mark.distributed,
@@ -53,11 +51,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_no_gloo_thread_survives_destroy(tmp_path):
-    script = tmp_path / "end.py"
-    script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_on_ranks(tmp_path, SCRIPT)
     # the ranks' lines may interleave
     counts = sorted(re.findall(r"rank (\d) gloo threads (\d+)", proc.stdout))
     assert counts == [("0", "0"), ("1", "0")], proc.stdout

@@ -19,7 +19,14 @@ import time
 import pytest
 
 from tests.conftest import ROOT, tiny_overrides
-from tests.helpers import final_weights, kill_and_resume, launch, max_weight_difference, step_losses
+from tests.helpers import (
+    final_weights,
+    kill_and_resume,
+    launch,
+    max_weight_difference,
+    run_on_ranks,
+    step_losses,
+)
 
 pytestmark = pytest.mark.distributed
 STEPS = 8
@@ -142,11 +149,7 @@ def test_fsdp_accumulation_keeps_gradients_sharded(tmp_path):
     """Between micro-steps of accumulation a rank holds only its shard of each gradient (a whole fp32
     gradient per rank, deferred to the last micro-step, would cost 4 bytes a parameter: more than all the
     sharded states together on a few ranks)."""
-    script = tmp_path / "accumulate.py"
-    script.write_text(ACCUMULATION)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_on_ranks(tmp_path, ACCUMULATION)
     assert sorted(re.findall(r"rank (\d) whole gradients (\d+)", proc.stdout)) == [("0", "0"), ("1", "0")]
     rows = re.findall(r"rank (\d) (\S+) full (\d+) local (\d+)", proc.stdout)
     assert len(rows) > 10 and {rank for rank, *_ in rows} == {"0", "1"}, proc.stdout
