@@ -317,8 +317,13 @@ def validate_lengths(cfg: TrainConfig) -> None:
             f"{cfg.model.max_seq_len}; allowed: data.seq_len <= {cfg.model.max_seq_len}"
         )
     if cfg.objective.name == "span_corruption":
-        from llmtrain.objectives.span_corruption import span_windows
+        from llmtrain.objectives.span_corruption import check_span_layout, span_windows
 
+        o = cfg.objective
+        try:
+            check_span_layout(cfg.data.seq_len, o.noise_density, o.mean_noise_span_length)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _, derived, _ = span_windows(cfg)
         given = cfg.objective.targets_length
         if given is not None and given < derived:

@@ -157,7 +157,9 @@ class WindowLoader:
                 "trainer.micro_batch_size"
             )
         self.batches_per_epoch = epoch_batches(self.n_windows, batch_size * world_size, steps_of)
-        self.epoch, self.index = 0, 0
+        # the epoch's micro-batches start `start` windows into its order (0 unless resumed in mid-epoch from
+        # another micro-batch x ranks) and `batches_left` of them remain from there
+        self.epoch, self.index, self.start, self.batches_left = 0, 0, 0, self.batches_per_epoch
         self._order = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
@@ -167,10 +169,15 @@ class WindowLoader:
 
     def next_batch(self) -> torch.Tensor:
         """(batch_size, raw_length) int64 windows."""
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
+        if self.index == self.batches_left:
+            self.epoch, self.index, self.start, self.batches_left = (
+                self.epoch + 1,
+                0,
+                0,
+                self.batches_per_epoch,
+            )
             self._order = self._permutation()
-        first = (self.index * self.world_size + self.rank) * self.batch_size
+        first = self.start + (self.index * self.world_size + self.rank) * self.batch_size
         starts = self._order[first : first + self.batch_size].numpy() * self.raw_length
         self.index += 1
         windows = np.stack([self.tokens[s : s + self.raw_length] for s in starts]).astype(np.int64)
@@ -178,9 +185,14 @@ class WindowLoader:
 
     def state_dict(self) -> dict[str, int]:
         """Position as windows consumed by all ranks, so a run can resume at another world size."""
-        return {"epoch": self.epoch, "windows": self.index * self.batch_size * self.world_size}
+        return {"epoch": self.epoch, "windows": self.start + self.index * self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.index = min(int(state["windows"]) // (self.batch_size * self.world_size), self.batches_per_epoch)
+        """Continue at the next unread window of the epoch's order, whatever micro-batch x ranks read it
+        before; the rest of the epoch is whole micro-batches of this layout (a shorter tail waits, as the
+        tail of every epoch does, for a later epoch's order)."""
+        per_batch = self.batch_size * self.world_size
+        self.epoch, self.index = int(state["epoch"]), 0
+        self.start = min(int(state["windows"]), self.batches_per_epoch * per_batch)
+        self.batches_left = (self.batches_per_epoch * per_batch - self.start) // per_batch
         self._order = self._permutation()

@@ -92,6 +92,7 @@ class MixtureLoader:
             raise DataError("data.mixture is empty; list at least one source")
         self.sources, self.raw_length, self.batch_size = list(sources), raw_length, batch_size
         self.seed, self.shuffle, self.rank, self.world_size, self.name = seed, shuffle, rank, world_size, name
+        self.entropy = seed % 2**64  # numpy's seeding takes non-negative ints; the same for seeds >= 0
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         if not (np.all(weights >= 0) and weights.sum() > 0 and np.all(np.isfinite(weights))):
             raise DataError(f"data.mixture weights {weights.tolist()} must be >= 0 with a positive sum")
@@ -121,7 +122,7 @@ class MixtureLoader:
         if key not in self._perms:
             n = self.sources[source].n_windows
             if self.shuffle:
-                rng = np.random.default_rng([self.seed, source, epoch])
+                rng = np.random.default_rng([self.entropy, source, epoch])
                 perm = rng.permutation(n).astype(np.int64)
             else:
                 perm = np.arange(n, dtype=np.int64)
@@ -130,11 +131,11 @@ class MixtureLoader:
         return self._perms[key]
 
     def _window(self, source: int, k: int) -> int:
-        """Index of source's k-th drawn window."""
+        """Index of source's k-th drawn window (k from 0)."""
         n = self.sources[source].n_windows
         epoch = k // n
         limit = self.sources[source].max_epochs
-        if limit is not None and epoch >= limit:
+        if limit is not None and k >= limit * n:  # a fractional limit stops inside a pass
             raise MixtureExhausted(
                 f"data.mixture source {self.sources[source].name} ran out after {limit} epochs "
                 f"(max_epochs={limit}) at global window {self.windows}; raise its max_epochs (null repeats) or lower "
@@ -161,7 +162,7 @@ class MixtureLoader:
             out.append((s, self._window(s, drawn[s])))
             drawn[s] += 1
         if self.shuffle:  # seeded by the position, so any world size reproduces it from the state
-            order = np.random.default_rng([self.seed, self.windows, 7]).permutation(self.global_batch)
+            order = np.random.default_rng([self.entropy, self.windows, 7]).permutation(self.global_batch)
             out = [out[i] for i in order]
         self.windows += self.global_batch
         return out
@@ -181,16 +182,24 @@ class MixtureLoader:
 
     def state_dict(self) -> dict:
         """Global position (windows drawn by all ranks) and windows drawn per source."""
-        return {"epoch": self.epoch, "windows": self.windows, "source_windows": self.counts.tolist()}
+        return {
+            "epoch": self.epoch,
+            "windows": self.windows,
+            "source_windows": self.counts.tolist(),
+            "sources": [s.name for s in self.sources],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Accepts this loader's state or WindowLoader's {"epoch", "windows"} (windows within the epoch)."""
         if "source_windows" in state:
             counts = np.array(state["source_windows"], dtype=np.int64)
-            if len(counts) != len(self.sources):
+            names = [s.name for s in self.sources]
+            saved = state.get("sources", names)  # checkpoints before the names were saved: the count only
+            if len(counts) != len(self.sources) or saved != names:
                 raise DataError(
-                    f"loader state has {len(counts)} mixture sources, the config {len(self.sources)}; a run cannot "
-                    "resume with a different data.mixture"
+                    f"the checkpoint's data.mixture sources are {saved if 'sources' in state else len(counts)}, "
+                    f"the config's {names}; a run resumes only with the same sources in the same order (their "
+                    "weights may change)"
                 )
             windows = int(state["windows"])
         else:  # a position only: replay the schedule to it
@@ -202,10 +211,13 @@ class MixtureLoader:
 
     # -- reporting ------------------------------------------------------------------------------------------
 
-    def proportions(self) -> dict[str, float]:
-        """Realised share of each source in the global sequence so far (configured share before any draw)."""
-        total = self.counts.sum()
-        shares = self.counts / total if total else self.weights
+    def proportions(self, state: dict | None = None) -> dict[str, float]:
+        """Realised share of each source in the global sequence up to `state` (a state_dict: the position of
+        the last batch trained on, where a prefetcher has drawn further), or so far; the configured shares
+        before any draw."""
+        counts = self.counts if state is None else np.array(state["source_windows"], dtype=np.int64)
+        total = counts.sum()
+        shares = counts / total if total else self.weights
         return {s.name: float(p) for s, p in zip(self.sources, shares)}
 
     def describe(self) -> str:
@@ -238,6 +250,11 @@ def _mixture_sources(entries, split: str, configured_digest: str | None) -> tupl
             raise DataError(f"data.mixture[{i}].weight={entry.weight} must be finite")
         sets.append(shard_set)
         name = entry.name or shard_set.folder.name
+        if name in (s.name for s in sources):
+            raise DataError(
+                f"data.mixture[{i}] is named {name!r}, as an earlier source is (by its name or its folder's); "
+                f"set data.mixture[{i}].name to a name of its own (names label the logged shares and a resume)"
+            )
         sources.append(SourceTokens(name, shard_set.split(split), entry.weight, entry.max_epochs))
     digests = {s.manifest["tokenizer"]["digest"] for s in sets}
     if len(digests) > 1:

@@ -69,6 +69,22 @@ def check_span_settings(noise_density: float, mean_noise_span_length: float) -> 
         raise ValueError(f"objective.mean_noise_span_length={mean_noise_span_length} must be >= 1")
 
 
+def check_span_layout(inputs_length: int, noise_density: float, mean_noise_span_length: float) -> None:
+    """A window of `inputs_length` inputs has at least one noise token and a kept token before each of its
+    noise spans (T5's segmentation splits the kept tokens into one non-empty run per span)."""
+    raw, _ = compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_span_length)
+    n_noise, spans, _, _ = span_lengths(raw, noise_density, mean_noise_span_length)
+    if n_noise < 1 or raw - n_noise < spans:
+        bound = mean_noise_span_length / (mean_noise_span_length + 1)
+        raise ValueError(
+            f"span corruption cannot lay out data.seq_len={inputs_length} inputs at objective.noise_density="
+            f"{noise_density} and objective.mean_noise_span_length={mean_noise_span_length}: a window of {raw} "
+            f"tokens would have {max(n_noise, 0)} noise tokens in {spans} spans but {max(raw - n_noise, 0)} kept "
+            f"tokens, and each span needs a kept token before it; allowed: noise_density below about {bound:.3g} "
+            "for this span length (mean/(mean+1)), a longer mean_noise_span_length, or a longer data.seq_len"
+        )
+
+
 class SpanCorruption:
     family = "encoder_decoder"
 
@@ -85,6 +101,7 @@ class SpanCorruption:
         document_attention: bool = False,
     ):
         check_span_settings(noise_density, mean_noise_span_length)
+        check_span_layout(inputs_length, noise_density, mean_noise_span_length)
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
         self.seq_len = inputs_length
         self.raw_length, derived_targets = compute_input_and_target_lengths(

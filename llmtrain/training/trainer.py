@@ -763,8 +763,9 @@ class Trainer:
                     "peak_memory_gib": measured_peak_bytes(self.device) / 2**30,
                 }
                 record["mfu"] = record["tflops_per_device"] * 1e12 / self.peak_flops
-                if hasattr(self.train_loader, "proportions"):  # a mixture: the shares realised so far
-                    record.update({f"data/{k}": v for k, v in self.train_loader.proportions().items()})
+                if hasattr(self.train_loader, "proportions"):  # a mixture: the shares trained on so far
+                    shares = self.train_loader.proportions(self.batches.state_dict()["loader"])
+                    record.update({f"data/{k}": v for k, v in shares.items()})
                 if self.spikes.update(record["loss"]):
                     record["loss_spike"] = True
                     self.log(

@@ -224,6 +224,10 @@ def test_an_unreadable_train_state_is_refused_naming_the_file(tiny_config):
         # span corruption: the sentinels a window needs, and a targets length below the derived one
         ("data.tokenizer.n_sentinels=2", "data.tokenizer.n_sentinels=2 is fewer than the"),
         ("objective.targets_length=0", "objective.targets_length=0 is shorter than the"),
+        (
+            "objective.noise_density=0.95",
+            "objective.noise_density=0.95 and objective.mean_noise_span_length=3.0",
+        ),
     ],
 )
 def test_settings_out_of_range_are_refused_by_validate(tiny_config, override, named):

@@ -310,6 +310,39 @@ def test_window_loader_resumes_at_the_same_batch():
     assert torch.equal(a.next_batch(), b.next_batch())
 
 
+@pytest.mark.parametrize(("before", "after"), [((1, 4), (1, 8)), ((2, 4), (4, 4)), ((1, 8), (3, 2))])
+def test_a_resume_in_another_micro_batch_x_ranks_reads_each_window_once(before, after):
+    """(world, micro-batch) before and after the checkpoint: the resumed loaders go on at the first unread
+    window of the epoch's order, so the epoch reads no window twice and misses fewer than one micro-batch of
+    the new layout's epoch (the resume used to round down to the new micro-batch x ranks and repeat up to 4 windows
+    here); the next epoch is whole again."""
+    tokens = np.arange(70 * 4, dtype=np.uint32)
+
+    def loaders(world, batch):
+        return [WindowLoader(tokens, 4, batch, seed=5, rank=r, world_size=world) for r in range(world)]
+
+    first = loaders(*before)
+    read = [w for _ in range(3) for loader in first for w in loader.next_batch()[:, 0].tolist()]
+    state = first[0].state_dict()
+    assert state == {"epoch": 0, "windows": len(read)}
+    resumed = loaders(*after)
+    for loader in resumed:
+        loader.load_state_dict(state)
+    while resumed[0].epoch == 0 and resumed[0].index < resumed[0].batches_left:
+        read += [w for loader in resumed for w in loader.next_batch()[:, 0].tolist()]
+    assert len(read) == len(set(read)), "a window was read twice in one epoch"
+    per_batch = after[0] * after[1]
+    assert resumed[0].batches_per_epoch * per_batch - per_batch < len(read) <= 70
+    assert resumed[0].state_dict() == {"epoch": 0, "windows": len(read)}
+    next_epoch = [
+        w
+        for _ in range(70 // (after[0] * after[1]))
+        for loader in resumed
+        for w in loader.next_batch()[:, 0].tolist()
+    ]
+    assert resumed[0].epoch == 1 and len(set(next_epoch)) == len(next_epoch) > 70 - after[0] * after[1]
+
+
 def test_window_loader_ranks_are_disjoint():
     tokens = np.arange(400, dtype=np.uint16)
     seen = [WindowLoader(tokens, 10, 4, seed=1, rank=r, world_size=2).next_batch()[:, 0] for r in range(2)]

@@ -174,8 +174,65 @@ def test_bad_mixtures_are_named():
     with pytest.raises(DataError, match="weights"):
         MixtureLoader([source("s0", 0, 10, -1.0)], L, 2, seed=0)
     loader = MixtureLoader(sources(), L, 2, seed=0)
-    with pytest.raises(DataError, match="cannot resume with a different data.mixture"):
+    with pytest.raises(DataError, match="resumes only with the same sources in the same order"):
         loader.load_state_dict({"epoch": 0, "windows": 4, "source_windows": [2, 2]})
+
+
+def test_a_resume_with_the_sources_reordered_or_renamed_is_refused():
+    """The saved per-source counts belong to sources by position: loaded into [s1, s0, s2] they would give s1
+    s0's count (it was accepted, as the number of sources matched); new weights are fine."""
+    loader = MixtureLoader(sources(), L, batch_size=4, seed=0)
+    for _ in range(3):
+        loader.next_batch()
+    state = loader.state_dict()
+    assert state["sources"] == ["s0", "s1", "s2"]
+    s0, s1, s2 = sources()
+    for changed in ([s1, s0, s2], [s0, s1, source("other", 2, 50, 0.2)]):
+        with pytest.raises(DataError, match=r"sources are \['s0', 's1', 's2'\], the config's"):
+            MixtureLoader(changed, L, batch_size=4, seed=0).load_state_dict(state)
+    reweighted = MixtureLoader(sources(weights=(0.2, 0.3, 0.5)), L, batch_size=4, seed=0)
+    reweighted.load_state_dict(state)
+    assert reweighted.counts.tolist() == state["source_windows"]
+
+
+def test_a_fractional_max_epochs_stops_inside_the_pass():
+    """max_epochs=0.5 of a 10-window source allows 5 windows and 1.5 allows 15 (it allowed 10 and 20)."""
+    for limit, allowed in ((0.5, 5), (1.5, 15), (1, 10)):
+        loader = MixtureLoader([source("small", 0, 10, 1.0, max_epochs=limit)], L, batch_size=1, seed=0)
+        for _ in range(allowed):
+            loader.next_batch()
+        with pytest.raises(MixtureExhausted, match=f"ran out after {limit} epochs"):
+            loader.next_batch()
+
+
+def test_a_negative_seed_draws_as_its_value_modulo_2_to_the_64():
+    """The trainer takes any integer seed; numpy's seeding refuses negative ones (the first batch crashed)."""
+    negative = MixtureLoader(sources(), L, batch_size=4, seed=-1)
+    wrapped = MixtureLoader(sources(), L, batch_size=4, seed=2**64 - 1)
+    other = MixtureLoader(sources(), L, batch_size=4, seed=1)
+    batches = [(negative.next_batch(), wrapped.next_batch(), other.next_batch()) for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b, _ in batches)
+    assert not all(torch.equal(a, c) for a, _, c in batches)
+
+
+def test_logged_shares_count_the_batches_trained_on_not_those_prefetched():
+    """Weights 1:1, one window a batch: after 5 batches the trained shares are 3:2 (0.6), whatever the
+    prefetch thread has drawn ahead; proportions() of the loader itself counted the prefetched ones too."""
+    import time
+
+    from llmtrain.data.prefetch import Prefetcher
+
+    loader = MixtureLoader([source("a", 0, 100, 1.0), source("b", 1, 100, 1.0)], L, batch_size=1, seed=0)
+    prefetcher = Prefetcher(loader, lambda windows, rng: {"x": windows}, torch.Generator(), depth=3)
+    trained = [drawn(prefetcher.next()["x"])[0][0] for _ in range(5)]
+    deadline = time.monotonic() + 10
+    while not prefetcher._queue.full() and time.monotonic() < deadline:  # let the producer run ahead
+        time.sleep(0.01)
+    shares = loader.proportions(prefetcher.state_dict()["loader"])
+    assert loader.counts.sum() > 5  # drawn ahead
+    prefetcher.close()
+    assert shares == {"a": trained.count(0) / 5, "b": trained.count(1) / 5}
+    assert sorted(shares.values()) == [0.4, 0.6]
 
 
 # -- from a data config over prepared shards ----------------------------------------------------------------
@@ -222,6 +279,10 @@ def test_build_loaders_from_shards_and_mixtures(tmp_path):
         assert batch.shape == (4, 16) and batch.dtype == torch.int64 and int(batch.max()) < vocab
     assert pipeline.train_loader.proportions()["a"] == pytest.approx(0.7, abs=0.02)
     assert pipeline.val_loader.next_batch().shape == (4, 16)
+    # two sources of one name (given, or their folders') would share one logged share and one resume slot
+    same = [MixtureSource(folders[0], 0.5, "a"), MixtureSource(folders[1], 0.5, "a")]
+    with pytest.raises(DataError, match=r"data.mixture\[1\] is named 'a', as an earlier source is"):
+        build_loaders(MixtureDataConfig(mixture=same), raw_length=16, batch_size=4, seed=0)
 
     # a source made with another tokenizer is refused, naming the sources
     prepare_shards(

@@ -366,6 +366,47 @@ def test_span_corruption_rejects_bad_settings(kwargs):
         span_objective(512, **kwargs)
 
 
+def test_span_corruption_makes_whole_windows_or_refuses_the_layout():
+    """Every setting either corrupts a window into inputs of its length and targets of its target_length
+    that reassemble to the window, or is refused up front: a dense noise at a short span length leaves fewer
+    kept tokens than spans (T5's segmentation needs one kept token before each span), and a very short window
+    has no noise token. Before the check, such settings crashed in the first batch with numpy's broadcast
+    error or, with exactly one cut to place, trained on inputs a few tokens wide."""
+    from llmtrain.objectives.span_corruption import check_span_layout
+
+    made = refused = 0
+    for length in (1, 2, 3, 8, 48, 64):
+        for density in (0.15, 0.5, 0.6, 0.7, 0.8, 0.95):
+            for mean_span in (1.0, 2.0, 3.0):
+                try:
+                    objective = span_objective(
+                        length, noise_density=density, mean_noise_span_length=mean_span
+                    )
+                except ValueError as err:
+                    assert "noise_density" in str(err) and f"data.seq_len={length}" in str(err)
+                    with pytest.raises(ValueError):
+                        check_span_layout(length, density, mean_span)
+                    refused += 1
+                    continue
+                windows = span_windows(objective, rows=4, seed=length)
+                batch = objective(windows, generator=torch.Generator().manual_seed(1))
+                assert batch["input_ids"].shape == (4, length)
+                assert batch["labels"].shape == (4, objective.target_length)
+                for row in range(4):
+                    inputs = batch["input_ids"][row].tolist()
+                    if "attention_mask" in batch:
+                        inputs = [t for t, m in zip(inputs, batch["attention_mask"][row].tolist()) if m]
+                    tokens, noise, _, _ = reassemble(inputs, batch["labels"][row].tolist())
+                    assert tokens == windows[row].tolist()
+                    assert sum(noise) == objective.num_noise_tokens
+                made += 1
+    assert made and refused
+    # the bound mean/(mean+1): density 0.7 at mean 3 lays out, at mean 2 it does not
+    span_objective(64, noise_density=0.7, mean_noise_span_length=3.0)
+    with pytest.raises(ValueError, match="kept token before it"):
+        span_objective(64, noise_density=0.7, mean_noise_span_length=2.0)
+
+
 def test_span_corruption_needs_enough_sentinels():
     with pytest.raises(ValueError, match="sentinel"):
         SpanCorruption(
