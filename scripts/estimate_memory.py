@@ -89,7 +89,7 @@ def report(cfg: TrainConfig, opts: MemoryOptions) -> str:
 def main(dict_cfg: DictConfig) -> None:
     try:
         print(report(train_config(dict_cfg, "memory"), section(dict_cfg, "memory")))
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

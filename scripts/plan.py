@@ -72,9 +72,13 @@ def describe_shape(model: ModelConfig) -> str:
 def plan_column(
     plan: Plan, model: ModelConfig, cfg: TrainConfig, opts: PlanOptions, memory: MemoryOptions
 ) -> dict[str, str]:
-    """One column of the plan table, by row label."""
+    """One column of the plan table, by row label: the plan, and `model` (a shape of the configured family)
+    costed from its shapes on the plan's tokens. The time is that cost's: 6ND is a decoder's count, and an
+    encoder-decoder runs about half its parameters per corpus token (trainer.max_flops buys it more tokens)."""
     micro_batch = memory.micro_batch or cfg.trainer.micro_batch_size
-    estimate = estimate_memory(model, lengths_for(cfg), micro_batch, memory.setup(cfg))
+    lengths = lengths_for(cfg)
+    estimate = estimate_memory(model, lengths, micro_batch, memory.setup(cfg))
+    exact = training_flops_per_token(model, lengths) * plan.n_tokens
     return {
         "parameters": human(plan.n_params),
         "tokens": human(plan.n_tokens),
@@ -84,7 +88,8 @@ def plan_column(
         "predicted loss": f"{plan.loss:.3f}",
         "model shape": describe_shape(model),
         "shape's parameters": human(parameter_count(model)),
-        "time": duration(training_seconds(plan.flops, opts.devices, opts.peak_flops(), opts.mfu)),
+        f"FLOPs (from shapes, {cfg.objective.name})": f"{exact:.3g}",
+        "time": duration(training_seconds(exact, opts.devices, opts.peak_flops(), opts.mfu)),
         "memory per device": f"{gib(estimate.peak)} GiB{fit_verdict(estimate.peak, memory)}",
     }
 
@@ -104,24 +109,24 @@ def report_budget(flops: float, cfg: TrainConfig, opts: PlanOptions, memory: Mem
 
 def report_model(cfg: TrainConfig, opts: PlanOptions, memory: MemoryOptions) -> str:
     """The reverse: the configured model (or plan.params) on plan.tokens (default 20 per parameter)."""
-    model, lengths = model_config_for(cfg), lengths_for(cfg)
+    model = model_config_for(cfg)
     n_params = opts.params or parameter_count(model)
     n_tokens = opts.tokens or CHINCHILLA_TOKENS_PER_PARAM * n_params
-    column = plan_column(plan_for_model(n_params, n_tokens), model, cfg, opts, memory)
-    if opts.params is not None:  # a bare parameter count has no shape to describe or fit
-        for label in ("model shape", "shape's parameters", "memory per device"):
+    plan = plan_for_model(n_params, n_tokens)
+    column = plan_column(plan, model, cfg, opts, memory)
+    if opts.params is not None:  # a bare parameter count has no shape: 6ND, and no memory
+        shaped = ("model shape", "shape's parameters", f"FLOPs (from shapes, {cfg.objective.name})")
+        for label in (*shaped, "memory per device"):
             del column[label]
-    else:  # count the configured model's FLOPs from its shapes too, and time the run by that count
-        exact = training_flops_per_token(model, lengths) * n_tokens
-        column[f"FLOPs (from shapes, {cfg.objective.name})"] = f"{exact:.3g}"
-        column["time"] = duration(training_seconds(exact, opts.devices, opts.peak_flops(), opts.mfu))
+        column["time"] = duration(training_seconds(plan.flops, opts.devices, opts.peak_flops(), opts.mfu))
     return table(["given model", ""], [[label, value] for label, value in column.items()])
 
 
 def report(cfg: TrainConfig, opts: PlanOptions, memory: MemoryOptions) -> str:
     opts.check()
     memory = replace(memory, gpu=opts.device, world_size=opts.devices)
-    memory.check(cfg, world="plan.devices")
+    # plan.check() has checked plan.device (another name needs plan.peak_tflops, and gets no memory verdict)
+    memory.check(cfg, world="plan.devices", device=None)
     peak = opts.peak_flops()
     setup = memory.setup(cfg)
     name = opts.device if opts.peak_tflops else accelerator(opts.device).name
@@ -145,7 +150,7 @@ def main(dict_cfg: DictConfig) -> None:
                 section(dict_cfg, "memory"),
             )
         )
-    except (ConfigError, ValueError) as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

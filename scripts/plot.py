@@ -37,14 +37,15 @@ def flops_per_token(run_dir: Path) -> float:
     tokens than that) of the run's model and objective."""
     from llmtrain.config import to_dataclass
     from llmtrain.measure.flops import forward_flops
-    from llmtrain.measure.shapes import lengths_for, model_config_for
+    from llmtrain.measure.scaling import run_model
+    from llmtrain.measure.shapes import lengths_for
 
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json: --x flops needs the run's model")
     cfg = to_dataclass(json.loads(config_path.read_text()))
     lengths = lengths_for(cfg)
-    return forward_flops(model_config_for(cfg), lengths).training / lengths.inputs
+    return forward_flops(run_model(run_dir, cfg), lengths).training / lengths.inputs
 
 
 def x_values(records: list[dict], x: str, tokens_per_step: float, per_token: float) -> list[float]:

@@ -77,15 +77,19 @@ class MemoryOptions:
             ),
         )
 
-    def check(self, cfg: TrainConfig, world: str = "memory.world_size") -> None:
+    def check(
+        self, cfg: TrainConfig, world: str = "memory.world_size", device: str | None = "memory.gpu"
+    ) -> None:
         """Every option in its range, named; `world`: the setting the world size came from (plan.devices in
-        scripts/plan.py). parallel.shard_size is checked here, against that world size, not this process's."""
+        scripts/plan.py). parallel.shard_size is checked here, against that world size, not this process's.
+        `device`: the setting memory.gpu came from, to check it is in the table unless gpu_memory_gib is given
+        (None: not checked; scripts/plan.py takes a device of its own with plan.peak_tflops, and no verdict)."""
         if self.gpu_memory_gib is not None:
             check_positive(
                 "memory.gpu_memory_gib", self.gpu_memory_gib, " (null: the table's size for memory.gpu)"
             )
-        else:
-            known_device("memory.gpu", self.gpu, "memory.gpu_memory_gib")
+        elif device is not None:
+            known_device(device, self.gpu, "memory.gpu_memory_gib")
         if not 0 < self.usable_fraction <= 1:
             raise ValueError(f"memory.usable_fraction={self.usable_fraction} must be in (0, 1]")
         _whole(world, self.world_size, "(data-parallel devices)")
@@ -205,8 +209,7 @@ class PlanOptions:
         if not given:
             return None
         ((kind, value),) = given.items()
-        if not value > 0:
-            raise ValueError(f"plan.{kind}={value}: a budget must be > 0")
+        check_positive(f"plan.{kind}", value, " (a budget)")
         if kind == "hours":
             return device_budget(self.devices, value, self.mfu, peak_flops)
         return from_pf_days(value) if kind == "pf_days" else value

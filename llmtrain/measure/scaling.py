@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from llmtrain.config import TrainConfig, to_dataclass
+from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.measure.shapes import corpus_tokens, model_config_for, parameter_count
+from llmtrain.models.config import ModelConfig
 
 
 class ScalingError(ValueError):
@@ -118,12 +120,23 @@ def point_from_run(run_dir: Path) -> RunPoint:
     n_tokens = corpus_tokens(cfg, inputs)
     return RunPoint(
         budget=float(budget),
-        n_params=float(parameter_count(model_config_for(cfg))),
+        n_params=float(parameter_count(run_model(run_dir, cfg, result))),
         n_tokens=float(n_tokens),
         loss=float(result["val_loss"]),
         name=run_dir.name,
         val_bpb=result.get("val_bpb"),
     )
+
+
+def run_model(run_dir: Path, cfg: TrainConfig, result: dict | None = None) -> ModelConfig:
+    """The model a run trained: its config.json's, with vocab_size 0 ("from the tokenizer") resolved as the
+    trainer resolved it: result.json's record, else the run directory's copy of its tokenizer (config.json
+    keeps the 0, and data.tokenizer.vocab_size is only the size of a BPE the run trains)."""
+    vocab = cfg.model.vocab_size or (result or {}).get("vocab_size")
+    kept = run_dir / "tokenizer.json"
+    if not vocab and kept.is_file():
+        vocab = load_tokenizer(kept).vocab_size
+    return replace(cfg.model, vocab_size=vocab) if vocab else model_config_for(cfg)
 
 
 def last_logged_tokens(metrics_path: Path) -> int | None:

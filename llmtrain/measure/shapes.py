@@ -31,7 +31,22 @@ class Lengths:
 
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
     """The training config's model with vocab_size 0 ("from the tokenizer") resolved to the tokenizer's size."""
-    return replace(cfg.model, vocab_size=cfg.model.vocab_size or cfg.data.tokenizer.vocab_size)
+    return replace(cfg.model, vocab_size=cfg.model.vocab_size or tokenizer_vocab_size(cfg))
+
+
+def tokenizer_vocab_size(cfg: TrainConfig) -> int:
+    """The vocabulary the trainer gives a model of vocab_size 0: the tokenizer file's (data.tokenizer.path, or
+    the one of data.shards / the first data.mixture source), else the size of the BPE the run trains."""
+    from llmtrain.data.shards import open_shards
+    from llmtrain.data.tokenizer import load_tokenizer
+
+    data = cfg.data
+    if data.tokenizer.path:
+        return load_tokenizer(data.tokenizer.path).vocab_size
+    prepared = data.shards or (data.mixture[0].path if data.mixture else None)
+    if prepared:
+        return open_shards(prepared).tokenizer().vocab_size
+    return data.tokenizer.vocab_size
 
 
 def lengths_for(cfg: TrainConfig) -> Lengths:

@@ -674,6 +674,9 @@ class Trainer:
         if not self.resumed or self.evaluates_at(self.step):
             self.write_metrics({"step": self.step, **first})
         result = {"initial_" + k: v for k, v in first.items()}
+        result["vocab_size"] = (
+            self.cfg.model.vocab_size
+        )  # config.json keeps 0 where it came from the tokenizer
 
         progress = None
         if t.progress and self.dist.is_main:

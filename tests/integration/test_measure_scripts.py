@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,42 @@ def test_plan_from_a_budget_gives_both_optima_a_shape_and_time():
     for row in ("20 tokens/param", "fitted-law optimum", "8.49 B", "predicted loss", "model shape", "time"):
         assert row in out
     assert "memory per device: fsdp, bf16, micro-batch 16 x 256 tokens" in out
-    assert "3.9 days" in out  # 8.64e21 FLOPs / (64 x 989e12 FLOP/s x 0.4)
+    # each shape is timed by its own FLOPs on the plan's tokens: 8.69e21 / (64 x 989e12 FLOP/s x 0.4)
+    assert row_of(out, "FLOPs (from shapes, clm)")[0] == "8.69e+21"
+    assert row_of(out, "time")[0] == f"{8.69e21 / (64 * 989e12 * 0.4) / 86400:.1f} days" == "4.0 days"
+
+
+def row_of(out: str, label: str) -> list[str]:
+    """The values of a plan table row, one per column."""
+    line = next(line for line in out.splitlines() if line.startswith(label + "  "))
+    return re.split(r"\s{2,}", line[len(label) :].strip())
+
+
+def test_plan_times_an_encoder_decoder_budget_by_its_shapes():
+    """6ND counts a decoder; a T5 runs about half its parameters per corpus token. The budget's time was the
+    budget's 6ND (3.7 days here) while the reverse path timed the same model and tokens from its shapes
+    (46.7 h); both now take the shapes' count."""
+    args = ("model=t5", "data.seq_len=512", "model.vocab_size=32128", "plan.devices=8", "plan.device=H100")
+    budget = run("plan.py", *args, "plan.flops=1e21")
+    assert budget.returncode == 0, budget.stderr
+    flops, time = (
+        row_of(budget.stdout, "FLOPs (from shapes, span_corruption)")[0],
+        row_of(budget.stdout, "time")[0],
+    )
+    assert 0.4e21 < float(flops) < 0.7e21
+    assert time == f"{float(flops) / (8 * 989e12 * 0.4) / 3600:.1f} h"
+
+
+def test_plan_takes_a_device_outside_the_table_with_its_peak():
+    """plan.device=TPUv5 with plan.peak_tflops: a plan with no memory verdict (memory.gpu, set from it, was
+    refused as not in the table)."""
+    result = run("plan.py", "plan.device=TPUv5", "plan.peak_tflops=197", "plan.flops=1e20")
+    assert result.returncode == 0, result.stderr
+    assert "8 x TPUv5 at 197 TFLOP/s" in result.stdout
+    memory = row_of(result.stdout, "memory per device")
+    assert all(value.endswith("GiB") for value in memory)  # no "(fits ...)"
+    unknown = run("plan.py", "plan.device=TPUv5", "plan.flops=1e20")
+    assert unknown.returncode == 2 and "plan.device='TPUv5'" in unknown.stderr
 
 
 def test_plan_reverse_costs_gpt3_and_the_configured_model():
@@ -82,7 +118,9 @@ def test_plan_reverse_costs_gpt3_and_the_configured_model():
 
 def test_plan_bad_input_is_a_clear_error():  # the other bad inputs: tests/unit/test_measure_planning.py
     zero = run("plan.py", "plan.flops=0")
-    assert zero.returncode == 2 and "budget must be > 0" in zero.stderr
+    assert zero.returncode == 2 and "plan.flops=0.0 must be > 0" in zero.stderr
+    endless = run("plan.py", "plan.pf_days=inf")
+    assert endless.returncode == 2 and "plan.pf_days=inf must be > 0 and finite" in endless.stderr
 
 
 def test_plan_and_estimate_memory_name_an_out_of_range_setting():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_plan_options_take_exactly_one_positive_budget():
     assert PlanOptions().budget(1e15) is None  # no budget: the planner costs the configured model instead
     with pytest.raises(ValueError, match="give one budget"):
         PlanOptions(flops=1e20, pf_days=2).budget(1e15)
-    with pytest.raises(ValueError, match="budget must be > 0"):
+    with pytest.raises(ValueError, match=re.escape("plan.hours=0 must be > 0 (a budget)")):
         PlanOptions(hours=0).budget(1e15)
     with pytest.raises(ValueError, match="not in the peak table"):
         PlanOptions(device="TPUv5").peak_flops()

@@ -219,3 +219,44 @@ def test_plot_writes_where_it_says(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         plot.main([str(tmp_path / "a"), "--out", str(tmp_path / "missing" / "x.png")])
     assert stop.value.code == 2 and not (tmp_path / "missing").exists()
+
+
+def test_a_run_on_a_given_tokenizer_is_counted_with_that_tokenizer(tiny_config, tmp_path):
+    """A run on data.tokenizer.path keeps model.vocab_size 0 in config.json; the trainer sizes the model by
+    the tokenizer. The fit, the plot's FLOPs and the planning scripts read the tokenizer's size too (they used
+    data.tokenizer.vocab_size, the size of a BPE the run would train: N was 4-6x too large in the review)."""
+    from llmtrain.config import to_dataclass
+    from llmtrain.measure.scaling import point_from_run, run_model
+    from llmtrain.measure.shapes import model_config_for, parameter_count
+    from llmtrain.models import count_parameters
+    from llmtrain.training.trainer import Trainer
+
+    first = Trainer(tiny_config("decoder", "trainer.max_steps=1", "trainer.sample_tokens=0", "run_name=bpe"))
+    first.fit()
+    tokenizer = first.run_dir / "tokenizer.json"
+    given = tiny_config(
+        "decoder",
+        f"data.tokenizer.path={tokenizer}",
+        "data.tokenizer.vocab_size=4096",
+        "trainer.max_flops=2e7",
+        "trainer.sample_tokens=0",
+        "run_name=given",
+    )
+    assert given.model.vocab_size == 0 and model_config_for(given).vocab_size == first.cfg.model.vocab_size
+    trainer = Trainer(given)
+    trainer.fit()
+    built = count_parameters(trainer.model)
+    # scripts/train.py hands the trainer Hydra's config, written before the vocabulary is fitted: 0 stays
+    config = trainer.run_dir / "config.json"
+    written = json.loads(config.read_text())
+    written["model"]["vocab_size"] = 0
+    config.write_text(json.dumps(written))
+    assert parameter_count(model_config_for(given)) == built
+    assert point_from_run(trainer.run_dir).n_params == built
+    result = trainer.run_dir / "result.json"
+    result.write_text(
+        json.dumps({k: v for k, v in json.loads(result.read_text()).items() if k != "vocab_size"})
+    )
+    assert point_from_run(trainer.run_dir).n_params == built  # an older run: its copy of the tokenizer
+    cfg = to_dataclass(json.loads((trainer.run_dir / "config.json").read_text()))
+    assert cfg.model.vocab_size == 0 and parameter_count(run_model(trainer.run_dir, cfg)) == built
