@@ -15,7 +15,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from llmtrain.data.tokenizer import Tokenizer, load_tokenizer
 from llmtrain.models import ModelConfig, build_model
-from llmtrain.models.hf import CONFIG_FILE, WEIGHTS_FILE, load_hf_weights, model_config_from_hf
+from llmtrain.models.hf import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_hf_weights,
+    model_config_from_hf,
+    read_hf_config,
+)
 from llmtrain.training.checkpoint import (
     TRAIN_STATE,
     is_complete,
@@ -149,7 +155,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     folder = resolve_checkpoint(path)
     if is_hf_folder(folder):
         try:
-            cfg = model_config_from_hf(json.loads((folder / CONFIG_FILE).read_text()))
+            cfg = model_config_from_hf(read_hf_config(folder))
             model = build_model(cfg, device)
             load_hf_weights(model, folder)
         except (KeyError, ValueError) as err:

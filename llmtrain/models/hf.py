@@ -565,6 +565,14 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """load_state_dict that accepts a state without the aliases of tied weights, and says what is wrong."""
     state = strip_wrapper_prefixes(state)
+    own = model.state_dict()
+    misfits = [
+        f"{k} is {tuple(v.shape)} in the weights but {tuple(own[k].shape)} in the model its config describes"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if misfits:  # load_state_dict would raise a RuntimeError listing them, past the callers' error handling
+        raise ValueError("weights do not fit the model: " + "; ".join(misfits[:3]))
     result = model.load_state_dict(state, strict=False)
     owners = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -595,9 +603,12 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; a Hugging Face model folder holds config.json")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not the object of a model's settings")
+    return config
 
 
 def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:

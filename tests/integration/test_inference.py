@@ -512,3 +512,24 @@ def test_int8_layers_are_per_output_channel_and_keep_ties():
         after = model(ids).logits
     assert (after - before).abs().max() < 0.05 * before.abs().max()
     assert weight_bytes(model) < 0.3 * sum(t.numel() * 4 for t in reference.values() if t.is_floating_point())
+
+
+def test_a_config_that_disagrees_with_its_weights_gets_a_clear_error(trained_run, tmp_path):
+    """A user widens an export's config.json (a longer context, a wider MLP) over the same weights:
+    load_state_dict's RuntimeError went past the loaders' handling as a traceback; it names the tensor now.
+    A config.json that is not a JSON object is refused too (it failed on `.get`)."""
+    trainer, _, _ = trained_run
+    folder = export_hf(
+        trainer.model.state_dict(), trainer.cfg.model, tmp_path / "hf", trainer.corpus.tokenizer_path
+    )
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    key = next(k for k in ("intermediate_size", "n_inner", "d_ff") if config.get(k))
+    config_path.write_text(json.dumps({**config, key: config[key] * 2}))
+    with pytest.raises(
+        CheckpointError, match=r"weights do not fit the model: \S+ is \(\d+, \d+\) in the weights"
+    ):
+        load_trained_model(folder)
+    config_path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds a JSON list, not the object of a model's settings"):
+        load_trained_model(folder)
