@@ -574,6 +574,11 @@ class Stack(nn.Module):
         x = self.embed(input_ids) if embedded is None else embedded  # (B, T, d)
         if self.pos_embed is not None:
             start = past or 0
+            if start + T > self.pos_embed.num_embeddings:  # as the rotary table says; CUDA would assert
+                raise ValueError(
+                    f"position {start + T - 1} is past the learned position table of model.max_seq_len="
+                    f"{self.pos_embed.num_embeddings}"
+                )
             x = x + self.pos_embed(torch.arange(start, start + T, device=device))
         if self.token_type_embed is not None:  # single segments: type 0 everywhere
             x = x + self.token_type_embed.weight[0]

@@ -328,7 +328,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         )
     proj = hf.get("feed_forward_proj", "relu")
     gated, act = proj.startswith("gated-"), proj.removeprefix("gated-")
-    if act not in ("gelu", "silu") and not act.startswith("gelu"):
+    if not (act.startswith("gelu") or act == "silu" and gated):  # no plain SiLU (or ReLU) MLP here
         raise _refuse(arch, f"feed_forward_proj={proj!r}")
     n_heads, d = hf.get("num_heads", 8), hf.get("d_model", 512)
     head_dim = hf.get("d_kv", 64)

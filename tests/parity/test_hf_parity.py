@@ -20,6 +20,7 @@ from llmtrain.models.hf import (
     HEAD_NAMES,
     HF_CLASSES,
     IGNORED,
+    UnsupportedArchitecture,
     from_hf_state_dict,
     hf_architecture,
     load_model_state,
@@ -223,6 +224,19 @@ def test_foreign_tensor_is_refused():
     del state["model.layers.0.self_attn.q_norm.weight"], state["model.norm.weight"]
     with pytest.raises(KeyError, match="model.norm.weight"):
         from_hf_state_dict(state, cfg)
+
+
+@pytest.mark.parametrize("proj", ["silu", "relu", "gated-relu"])
+def test_a_t5_mlp_llmtrain_has_not_is_refused(proj):
+    """llmtrain's T5 MLPs are GELU, GeGLU and SwiGLU. A plain SiLU MLP (feed_forward_proj="silu") was read as
+    a tanh-GELU one: the weights fit, and the logits were off by ~4."""
+    import transformers as t
+
+    shape = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, tie_word_embeddings=False)
+    config = t.T5Config(**shape, feed_forward_proj=proj).to_dict()
+    with pytest.raises(UnsupportedArchitecture, match=f"feed_forward_proj='{proj}'"):
+        model_config_from_hf(config)
+    assert model_config_from_hf(t.T5Config(**shape, feed_forward_proj="gated-silu").to_dict()).mlp == "swiglu"
 
 
 # --- export of llmtrain presets ----------------------------------------------------------------------------

@@ -486,3 +486,15 @@ def test_chunked_cross_entropy_equals_the_builtin(dtype, monkeypatch):
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(ours.grad, builtin.grad)
     assert (ours.grad[0, 2] == 0).all() and (ours.grad[1, 6] == 0).all()
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_a_sequence_past_the_position_table_is_refused_by_name(position):
+    """Both tables say which setting they hold (the learned one raised a bare IndexError: a device-side assert
+    on CUDA); a sequence that fits runs."""
+    model = tiny_model("decoder", position=position, norm="layernorm", mlp="gelu", max_seq_len=16)
+    model(random_ids(1, 16))
+    with pytest.raises(
+        ValueError, match=r"position 19 is past the \w+ (position )?table of model.max_seq_len=16"
+    ):
+        model(random_ids(1, 20))
