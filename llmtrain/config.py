@@ -6,14 +6,16 @@ at composition time with a message naming the key. `validate()` then checks what
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmtrain.models.config import ModelConfig, ModelConfigError, check_model_config
 from llmtrain.objectives import OBJECTIVE_FAMILY, check_mlm_rates, check_span_settings
@@ -246,7 +248,32 @@ class ConfigError(ValueError):
 def to_dataclass(cfg: DictConfig | TrainConfig) -> TrainConfig:
     if isinstance(cfg, TrainConfig):
         return cfg
+    check_known_keys(cfg, TrainConfig)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+
+
+def check_known_keys(node: Any, schema: type, prefix: str = "") -> None:
+    """Every key of a composed config is a field of its dataclass. Hydra refuses a misspelled key, and its
+    message suggests `+key=value`; a key added that way reaches the merge, which keeps it, and to_object drops
+    it without a word."""
+    if not isinstance(node, (dict, DictConfig)):
+        return
+    fields = {f.name for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node:
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(
+                f"unknown setting {name} ({schema.__name__} has: {', '.join(sorted(fields))}); check its spelling"
+            )
+        inner = [hints[key], *typing.get_args(hints[key])]  # X, X | None, list[X]
+        for kind in (t for t in inner if dataclasses.is_dataclass(t)):
+            value = node[key]
+            if isinstance(value, (list, ListConfig)):
+                for i, item in enumerate(value):
+                    check_known_keys(item, kind, f"{name}[{i}].")
+            else:
+                check_known_keys(value, kind, f"{name}.")
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmtrain.config import (
     ParallelConfig,
     TrainConfig,
+    check_known_keys,
     check_positive,
     check_shard_size,
     fsdp_wraps,
@@ -245,6 +246,7 @@ def train_config(cfg: DictConfig, *sections: str, trains_bpe: bool = True) -> Tr
 
 def section(cfg: DictConfig, name: str) -> Any:
     """A script section as its dataclass (MemoryOptions, PlanOptions)."""
+    check_known_keys(cfg[name], OmegaConf.get_type(cfg[name]), f"{name}.")
     return OmegaConf.to_object(cfg[name])
 
 

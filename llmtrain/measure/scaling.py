@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmtrain.config import TrainConfig, to_dataclass
+from llmtrain.config import ConfigError, TrainConfig, to_dataclass
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.measure.shapes import corpus_tokens, model_config_for, parameter_count
 from llmtrain.models.config import ModelConfig
@@ -160,7 +160,7 @@ def load_runs(run_dirs: Iterable[Path], skip_unfinished: bool = True) -> tuple[l
             continue
         try:
             points.append(point_from_run(run_dir))
-        except (ScalingError, KeyError) as err:
+        except (ScalingError, ConfigError, KeyError) as err:  # ConfigError: a config.json of another version
             if not skip_unfinished:
                 raise
             skipped.append(str(err) if isinstance(err, ScalingError) else f"{run_dir}: result lacks {err}")

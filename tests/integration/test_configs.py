@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra.errors import ConfigCompositionException
 
@@ -54,6 +56,25 @@ def test_unknown_key_is_refused_at_composition():
     with pytest.raises(ConfigCompositionException, match="model.n_layer") as info:
         compose_config(["model.n_layer=3", "run_name=x"])
     assert "not in 'ModelConfig'" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("+model.n_layer=3", "unknown setting model.n_layer (ModelConfig has: "),
+        ("+trainer.max_stepz=5", "unknown setting trainer.max_stepz (TrainerConfig has: "),
+        ("+data.tokenizer.size=5", "unknown setting data.tokenizer.size (TokenizerConfig has: "),
+        ("+seeds=3", "unknown setting seeds (TrainConfig has: "),
+    ],
+)
+def test_a_key_added_with_plus_is_refused_by_name(override, named):
+    """Hydra's refusal of a misspelled key says "To append to your config use +key=value"; a key added that
+    way was kept by the merge and dropped by to_object: the run trained without it, and said nothing."""
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        to_dataclass(compose_config([override, "run_name=x"]))
+    mixture = {"data": {"mixture": [{"path": "a", "weight": 1.0}, {"path": "b", "wieght": 1.0}]}}
+    with pytest.raises(ConfigError, match=re.escape("unknown setting data.mixture[1].wieght")):
+        to_dataclass(mixture)
 
 
 def test_validation_names_setting():
