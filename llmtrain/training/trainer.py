@@ -162,6 +162,22 @@ class MetricsLog:
                 config=resolved_config,
             )
 
+    @staticmethod
+    def check_wandb(cfg: TrainConfig) -> None:
+        """An online W&B run needs an API key; without one (and no terminal to ask on) wandb.init fails after
+        the run directory is written. Checked before anything is written; no network is used."""
+        if cfg.logger.wandb != "online":
+            return
+        import wandb
+
+        try:
+            wandb.login(verify=False)
+        except wandb.errors.UsageError as err:
+            raise ConfigError(
+                f"logger.wandb=online needs a W&B API key ({err}); set WANDB_API_KEY or run `wandb login`, "
+                "or use logger.wandb=offline and `wandb sync` the run later"
+            ) from None
+
     def write(self, record: dict[str, Any]) -> None:
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
@@ -301,6 +317,7 @@ class Trainer:
         resolved_config = resolved_config or dataclasses.asdict(cfg)
         self.resumed = self._resume()  # refuses a run directory it cannot continue before writing into it
         if self.dist.is_main:
+            MetricsLog.check_wandb(cfg)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
             kept = self.run_dir / "tokenizer.json"  # export, generate and evaluate find it there

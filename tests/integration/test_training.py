@@ -6,6 +6,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,6 +181,20 @@ def test_resume_refuses_a_run_it_cannot_continue_and_writes_nothing(tiny_config,
     assert run_files(first.run_dir) == before
     resumed = Trainer(tiny_config("decoder", "trainer.max_steps=4", "run_name=same"))  # the same settings do
     assert resumed.step == 2
+
+
+def test_online_wandb_without_an_api_key_is_refused_before_the_run_directory(
+    tiny_config, tmp_path, monkeypatch
+):
+    """Without a key (and no terminal to ask on, as under torchrun or Slurm) wandb.init raised a UsageError
+    traceback after config.json, tokenizer.json and an empty metrics.jsonl were written."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    cfg = tiny_config("decoder", "logger.wandb=online", "run_name=online")
+    with pytest.raises(ConfigError, match="logger.wandb=online needs a W&B API key"):
+        Trainer(cfg)
+    assert not (Path(cfg.output_dir) / "online").exists()
 
 
 def test_an_unreadable_train_state_is_refused_naming_the_file(tiny_config):
