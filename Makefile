@@ -41,8 +41,8 @@ bench: $(BIN)/.installed
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 # On a CUDA machine: CUDA tests + bf16 FSDP/compile benchmarks of the three families (see docs/benchmarks.md).
-gpu-check:
-	bash scripts/gpu_check.sh
+gpu-check:  # the project's environment where there is one (a lent GPU machine has its own torch: python3)
+	GPU_PY=$(if $(wildcard $(BIN)/python),$(BIN)/python,python3) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .cache runs outputs wandb

@@ -11,23 +11,29 @@
 #   6. the host-side cost of FSDP on one device (scripts/profiling/fsdp_overhead.py)
 #   7. FSDP eager, then document-aware attention (block masks)
 # Needs the wheels the machine lacks in .whl/ (hydra-core, omegaconf, antlr4-python3-runtime). Writes logs and
-# JSON under $OUT (default gpu_out/). SKIP="tests docs ..." skips steps by name.
+# JSON under $OUT (default gpu_out/). SKIP="tests docs ..." skips steps by name. GPU_PY: the Python (python3).
+# Stops at once without a CUDA device; exits 1 when any step failed or timed out.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 BUDGET_S=${BUDGET_S:-480}
 SKIP=${SKIP:-}
 mkdir -p "$OUT"
 START=$(date +%s)
+PY=${GPU_PY:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "error: scripts/gpu_check.sh needs a CUDA device and torch with CUDA ($PY: torch.cuda.is_available() is not True)" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 SHAPES="gpt2_124m bert_base t5_base"
 BENCH="scripts/bench.py --precisions bf16 --steps 8 --warmup 2 --shapes $SHAPES"
-TORCHRUN="python3 -m torch.distributed.run --standalone --nproc_per_node=1"
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1"
 
 step() {  # step NAME SECONDS COMMAND...: run it with that timeout if the budget allows
   local name=$1 need=$2
@@ -37,15 +43,19 @@ step() {  # step NAME SECONDS COMMAND...: run it with that timeout if the budget
   if ((left < need)); then echo "== $name: skipped, ${left}s left of BUDGET_S=$BUDGET_S (needs ${need}s)"; return; fi
   echo "== $name (timeout ${need}s, ${left}s left)"
   timeout "$need" "$@" 2>&1 | grep -v INFO | tee -a "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if ((rc != 0)); then echo "== $name: FAILED (exit $rc; 124: timed out)"; FAILED="$FAILED $name"; fi
 }
+FAILED=""
 
-step single 240 python3 $BENCH --compile --json "$OUT/single_compile.json"
-step peak 60 python3 scripts/profiling/matmul_peak.py
-step tests 150 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider
+step single 240 "$PY" $BENCH --compile --json "$OUT/single_compile.json"
+step peak 60 "$PY" scripts/profiling/matmul_peak.py
+step tests 150 "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider
 FSDP="--parallel fsdp --reshard-after-forward false"  # wrapped on one device (else the plain model)
 step fsdp 240 $TORCHRUN $BENCH $FSDP --compile --json "$OUT/fsdp_compile.json"
-step profile_bert 120 python3 scripts/profiling/profile_gpu.py --shapes bert_base --compile
+step profile_bert 120 "$PY" scripts/profiling/profile_gpu.py --shapes bert_base --compile
 step overhead 90 $TORCHRUN scripts/profiling/fsdp_overhead.py
 step fsdp_eager 150 $TORCHRUN $BENCH $FSDP --json "$OUT/fsdp_eager.json"
-step docs 240 python3 $BENCH --compile --document-attention 512 --json "$OUT/single_compile_documents.json"
-echo "== done in $(($(date +%s) - START))s"
+step docs 240 "$PY" $BENCH --compile --document-attention 512 --json "$OUT/single_compile_documents.json"
+echo "== done in $(($(date +%s) - START))s${FAILED:+; failed:$FAILED}"
+[[ -z $FAILED ]]

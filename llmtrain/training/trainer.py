@@ -89,6 +89,13 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
+    if name not in (
+        "auto",
+        "bf16",
+        "fp16",
+        "fp32",
+    ):  # validate() says so too; benchmarks build Trainers directly
+        raise ConfigError(f"trainer.precision={name!r} is not allowed; allowed: auto, bf16, fp16, fp32")
     supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
     if name == "auto":
         return "bf16" if supported else "fp32"

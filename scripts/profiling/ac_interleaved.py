@@ -1,5 +1,6 @@
 """Step time with and without activation checkpointing, interleaved in one process (decoder_small, fp32)."""
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -9,8 +10,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/
 from bench import make_trainer
 
-precision = sys.argv[1] if len(sys.argv) > 1 else "fp32"
-reps = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("precision", nargs="?", default="fp32", choices=["fp32", "bf16"])
+parser.add_argument("reps", nargs="?", type=int, default=4, help="timed steps of each trainer")
+args = parser.parse_args()
+precision, reps = args.precision, args.reps
 with tempfile.TemporaryDirectory() as out:
     plain = make_trainer("decoder_small", precision, False, "single", None, Path(out) / "a")
     ckpt = make_trainer("decoder_small", precision, False, "single", None, Path(out) / "b", ac=True)

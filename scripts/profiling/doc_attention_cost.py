@@ -6,6 +6,7 @@ Two trainers on the bench's synthetic tokens; one gets windows with an EOS every
 objective's `document_ids` (block-diagonal causal masks), the other plain causal attention.
 """
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -18,8 +19,11 @@ from bench import make_trainer
 from llmtrain.data.prefetch import Prefetcher
 from llmtrain.objectives import CausalLM
 
-precision = sys.argv[1] if len(sys.argv) > 1 else "fp32"
-reps = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("precision", nargs="?", default="fp32", choices=["fp32", "bf16"])
+parser.add_argument("reps", nargs="?", type=int, default=4, help="timed steps of each trainer")
+args = parser.parse_args()
+precision, reps = args.precision, args.reps
 with tempfile.TemporaryDirectory() as out:
     plain = make_trainer("decoder_small", precision, False, "single", None, Path(out) / "a")
     docs = make_trainer("decoder_small", precision, False, "single", None, Path(out) / "b")

@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (torch.cuda.is_available() is False)")
     for shape in args.shapes:
         with tempfile.TemporaryDirectory() as out:
             trainer = make_trainer(shape, "bf16", args.compile, "single", None, Path(out))

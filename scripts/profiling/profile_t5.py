@@ -11,8 +11,10 @@ from bench_hf import HFStep, llmtrain_trainer
 from torch.profiler import ProfilerActivity, profile
 
 args = argparse.Namespace(layers=4, width=256, seq=128, batch=8, compile=False, compile_hf=False)
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("precision", nargs="?", default="fp32", choices=["fp32", "bf16"])
+precision = parser.parse_args().precision
 with tempfile.TemporaryDirectory() as out:
-    precision = sys.argv[1] if len(sys.argv) > 1 else "fp32"
     trainer = llmtrain_trainer("t5", precision, args, Path(out))
     hf = HFStep("t5", precision, trainer, args)
     for name, step in (("llmtrain", trainer.train_step), ("hf", hf.train_step)):

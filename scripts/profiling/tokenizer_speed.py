@@ -7,6 +7,7 @@ path (encode_ordinary: documents, as prepare_data encodes them), and tokenizers'
 (`Tokenizer.encode_documents`: encode_batch_fast with special-token text read as text).
 """
 
+import argparse
 import json
 import sys
 import time
@@ -16,12 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from llmtrain.data.shards import tiktoken_encoding
 from llmtrain.data.tokenizer import load_tokenizer
 
-tokenizer = load_tokenizer(sys.argv[1])
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("tokenizer", help="a byte-level BPE tokenizer.json")
+parser.add_argument("corpus", help="a JSONL file with a text field")
+parser.add_argument("documents", nargs="?", type=int, default=6000, help="documents read (default 6000)")
+args = parser.parse_args()
+tokenizer = load_tokenizer(args.tokenizer)
 encoding = tiktoken_encoding(tokenizer)
 if encoding is None:
-    raise SystemExit(f"{sys.argv[1]}: tiktoken cannot reproduce this tokenizer")
-limit = int(sys.argv[3]) if len(sys.argv) > 3 else 6000
-with open(sys.argv[2]) as f:
+    raise SystemExit(f"{args.tokenizer}: tiktoken cannot reproduce this tokenizer")
+limit = args.documents
+with open(args.corpus) as f:
     texts = [json.loads(line)["text"] for line, _ in zip(f, range(limit))]
 mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
 ways = {

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -159,3 +160,21 @@ def bench_script():
     module = sys.modules["bench_script"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts" / "profiling").glob("*.py")))
+def test_profiling_scripts_answer_help_without_running(script):
+    """Four of them read sys.argv by hand: `--help` ran the benchmark with precision "--help" (the Trainer took
+    the name), or failed on a tokenizer path "--help"."""
+    result = run(f"profiling/{script}", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage:") and "steps (ms)" not in result.stdout
+
+
+def test_the_trainer_refuses_a_precision_it_does_not_know():
+    from llmtrain.config import ConfigError
+    from llmtrain.training.trainer import resolve_precision
+
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(ConfigError, match="trainer.precision='--help' is not allowed; allowed: auto, bf16"):
+        resolve_precision("--help", torch.device("cpu"))
