@@ -28,8 +28,9 @@ from llmtrain.measure.flops import forward_flops, measure_matmul_peak
 from llmtrain.measure.hardware import accelerator_of_device
 from llmtrain.measure.memory import measured_peak_bytes
 from llmtrain.measure.shapes import lengths_for
-from llmtrain.models import build_model, count_parameters
+from llmtrain.models import ModelConfig, build_model, count_parameters
 from llmtrain.models.heads import IGNORE_INDEX
+from llmtrain.models.hf import architecture_differences
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
 from llmtrain.objectives.evaluation import evaluation_batch
 from llmtrain.training.checkpoint import (
@@ -86,6 +87,17 @@ def cpu_supports_bf16() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
+
+
+def model_changes(saved: dict[str, Any], current: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """How the model of a checkpoint (its saved settings) and the configured one compute differently: name ->
+    (there, now). Dropout, the init and settings the family does not use may change between restarts (as
+    `model.init_from` allows them to); a checkpoint's settings from another version are compared as they are."""
+    try:
+        there = ModelConfig(**saved)
+    except TypeError:
+        return {k: (saved.get(k), v) for k, v in dataclasses.asdict(current).items() if saved.get(k) != v}
+    return architecture_differences(there, current)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -634,8 +646,7 @@ class Trainer:
                 f"cannot read {path / 'train_state.pt'} ({type(err).__name__}: {str(err).splitlines()[0]}); "
                 f"remove {path} to resume from an earlier checkpoint, or choose another run_name"
             ) from None
-        saved, current = state["model_config"], dataclasses.asdict(self.cfg.model)
-        changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        changed = model_changes(state["model_config"], self.cfg.model)
         if changed:
             raise ConfigError(
                 f"run directory {self.run_dir} holds a checkpoint of another model ("

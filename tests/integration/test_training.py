@@ -197,6 +197,21 @@ def test_online_wandb_without_an_api_key_is_refused_before_the_run_directory(
     assert not (Path(cfg.output_dir) / "online").exists()
 
 
+def test_a_run_resumes_under_settings_its_weights_do_not_depend_on(tiny_config):
+    """Dropout, the init and model.n_decoder_layers of a decoder (debug=tiny sets it for every family) change
+    nothing in the weights: the resume used to refuse them as "another model"; the architecture is still
+    compared as model.init_from compares it (a wider MLP is refused)."""
+    first = Trainer(
+        tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0", "run_name=loose")
+    )
+    first.fit()
+    loose = ("model.dropout=0.1", "model.init_std=0.01", "model.n_decoder_layers=3", "run_name=loose")
+    resumed = Trainer(tiny_config("decoder", "trainer.max_steps=3", *loose))
+    assert resumed.step == 2
+    with pytest.raises(ConfigError, match=re.escape("model.d_ff: 128 there, 96 now")):
+        Trainer(tiny_config("decoder", "trainer.max_steps=3", "model.d_ff=96", "run_name=loose"))
+
+
 def test_an_unreadable_train_state_is_refused_naming_the_file(tiny_config):
     trainer = Trainer(
         tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0", "run_name=cut")
