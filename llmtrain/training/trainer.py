@@ -250,6 +250,13 @@ class Trainer:
                 "parallel.cpu_offload=true offloads CUDA shards to host memory; it needs a CUDA device"
             )
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+        init_from = cfg.model.init_from
+        if init_from and not (Path(init_from) / "config.json").is_file():  # before a tokenizer is trained
+            raise ConfigError(
+                f"model.init_from={init_from} is not a Hugging Face model folder ("
+                + ("it holds no config.json" if Path(init_from).is_dir() else "no such folder")
+                + "); give a folder with config.json and model.safetensors, as scripts/export_hf.py writes"
+            )
         chosen_tokenizer = self._init_from_tokenizer(cfg)
 
         if corpus is None and not self.dist.is_main:

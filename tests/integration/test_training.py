@@ -278,6 +278,23 @@ def test_init_from_a_training_run_folder_says_to_export_it(tiny_config):
         Trainer(tiny_config("decoder", f"model.init_from={run.run_dir}", "run_name=dst"))
 
 
+def test_init_from_a_folder_that_is_not_a_model_is_refused_by_name(tiny_config, tmp_path):
+    """It warned that a tokenizer would be trained, trained one, then failed on `<folder>/config.json does not
+    exist` without naming the setting."""
+    (tmp_path / "legal").mkdir()
+    for folder, why in (
+        (tmp_path / "legal", "it holds no config.json"),
+        (tmp_path / "nowhere", "no such folder"),
+    ):
+        cfg = tiny_config("decoder", f"model.init_from={folder}", "run_name=dst")
+        with pytest.raises(
+            ConfigError,
+            match=re.escape(f"model.init_from={folder} is not a Hugging Face model folder ({why})"),
+        ):
+            Trainer(cfg)
+        assert not (Path(cfg.output_dir) / "dst").exists()
+
+
 def test_mlm_rates_are_refused_by_validate(tiny_config):
     with pytest.raises(ConfigError, match=re.escape("objective.select_rate=1.5")):
         validate(tiny_config("encoder", "objective.select_rate=1.5"))
