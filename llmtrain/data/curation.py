@@ -215,6 +215,18 @@ def check_curation_config(cfg: CurationConfig, prefix: str = "curation") -> None
         raise CurationError(
             f"{prefix}.dedup.num_perm={d.num_perm} must be >= 2 and dedup.ngram={d.ngram} >= 1"
         )
+    if d.seed < 0:  # numpy's seeding refuses it, late and without the setting's name
+        raise CurationError(f"{prefix}.dedup.seed={d.seed} must be >= 0")
+    blank = cfg.normalize.max_blank_lines
+    if blank is not None and blank < 0:  # -1 joined every line of every document
+        raise CurationError(f"{prefix}.normalize.max_blank_lines={blank} must be >= 0 or null (keep them)")
+    r = cfg.gopher_repetition
+    for name in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
+        bad = [n for n in getattr(r, name) if not (isinstance(n, int) and n >= 1)]
+        if bad:
+            raise CurationError(
+                f"{prefix}.gopher_repetition.{name} has n-gram length {bad[0]!r}; allowed: whole numbers >= 1"
+            )
 
 
 # -- normalisation ----------------------------------------------------------------------------------------

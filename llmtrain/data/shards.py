@@ -687,6 +687,7 @@ def _prepare(data: DataConfig, prep: PrepareConfig, folder: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("settings") == settings:
             log.info("prepare: %s is complete; reusing it", folder)
+            _remove_working_files(folder)  # a kill after the manifest could leave them
             return manifest
         raise DataError(
             f"{manifest_path} was made with other settings; use another prepare.output_dir or delete {folder}"
@@ -733,11 +734,17 @@ def _prepare(data: DataConfig, prep: PrepareConfig, folder: Path) -> dict:
     report.cpu_seconds = time.process_time() - cpu0 + _children_cpu() - children0
     report.peak_rss_mb = _peak_rss_mb()
     manifest = _write_manifest(folder, data, prep, tokenizer, dtype, settings, records, report)
+    _remove_working_files(folder)
+    return manifest
+
+
+def _remove_working_files(folder: Path) -> None:
+    """What only an unfinished set needs: the dedup verdicts and state, staged chunks (a chunk finished just
+    before a crash keeps its staged files)."""
     for name in (VERDICTS, DEDUP_STATE):
         (folder / name).unlink(missing_ok=True)
-    for leftover in folder.glob("stage-*"):  # a chunk finished just before a crash kept its staged files
+    for leftover in folder.glob("stage-*"):
         leftover.unlink()
-    return manifest
 
 
 def _tokenizer_backend(prep: PrepareConfig, tokenizer: Tokenizer) -> str:

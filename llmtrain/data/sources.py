@@ -37,7 +37,10 @@ def resolve_paths(patterns: list[str]) -> list[Path]:
     """Expand globs; every pattern must match an existing, non-empty file with a known extension."""
     files: list[Path] = []
     for pattern in patterns:
-        matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))]
+        path = os.path.expanduser(pattern)
+        # a file that exists is that file, whatever its name holds ("corpus[2024].jsonl" is no glob)
+        literal = [Path(path)] if Path(path).is_file() else []
+        matches = literal or [Path(m) for m in sorted(glob.glob(path, recursive=True))]
         if not matches:
             raise DataError(f"data.paths: {pattern!r} matches no file")
         folders = [m for m in matches if m.is_dir()]  # a glob may also match folders: their files count
@@ -101,7 +104,7 @@ def _read_local(files: list[Path], field: str) -> Iterator[str]:
     for path in files:
         if path.suffix == ".txt":
             try:
-                yield path.read_text(encoding="utf-8")
+                yield path.read_text(encoding="utf-8-sig")  # a byte-order mark is no text (as .jsonl)
             except (UnicodeDecodeError, OSError) as err:
                 raise DataError(f"data.paths: {path}: could not be read: {err}") from None
             continue
@@ -185,7 +188,12 @@ def _read_dataset(cfg: DataConfig) -> Iterator[str]:
             raise DataError(
                 f"{where}: no column {cfg.text_field!r} (data.text_field); columns: {sorted(record)}"
             )
-        yield record[cfg.text_field]
+        text = record[cfg.text_field]
+        if text is not None and not isinstance(text, str):  # as _read_local says of a JSON line's
+            raise DataError(
+                f"{where}: column {cfg.text_field!r} (data.text_field) holds {type(text).__name__}, not text"
+            )
+        yield text or ""
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[str]:

@@ -303,6 +303,28 @@ def test_presets_and_config_checks():
         check_curation_config(dataclasses.replace(CurationConfig(), dedup=DedupConfig(threshold=1.5)))
 
 
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"normalize": NormalizeConfig(max_blank_lines=-1)}, "normalize.max_blank_lines=-1 must be >= 0"),
+        ({"dedup": DedupConfig(seed=-1)}, "dedup.seed=-1 must be >= 0"),
+        (
+            {"gopher_repetition": GopherRepetitionConfig(max_top_ngram_char_fraction={0: 0.2})},
+            "max_top_ngram_char_fraction has n-gram length 0",
+        ),
+        (
+            {"gopher_repetition": GopherRepetitionConfig(max_duplicate_ngram_char_fraction={-1: 0.2})},
+            "max_duplicate_ngram_char_fraction has n-gram length -1",
+        ),
+    ],
+)
+def test_curation_settings_that_failed_late_are_named(change, named):
+    """max_blank_lines=-1 joined every line of every document (the C4 and Gopher line rules then saw one line);
+    a negative dedup seed and n-gram lengths below 1 failed inside numpy, naming no setting."""
+    with pytest.raises(CurationError, match=re.escape(named)):
+        check_curation_config(dataclasses.replace(CurationConfig(), **change))
+
+
 # -- the reference implementation: datatrove ----------------------------------------------------------------
 
 

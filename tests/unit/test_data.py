@@ -133,6 +133,37 @@ def test_globs_and_limits(tmp_path):
     assert len(list(iter_documents(cfg))) == 7
 
 
+def test_an_existing_file_is_read_as_named_even_with_glob_characters(tmp_path):
+    """'corpus[1].jsonl' exists: it is that file. As a glob it matched corpus1.jsonl (another corpus, read
+    without a word) or, alone, nothing ("matches no file" of a file that exists)."""
+    write_jsonl(tmp_path / "corpus[1].jsonl", ["The intended file."])
+    assert list(iter_documents(files_config([tmp_path / "corpus[1].jsonl"], tmp_path))) == [
+        "The intended file."
+    ]
+    write_jsonl(tmp_path / "corpus1.jsonl", ["Other file entirely."])
+    assert list(iter_documents(files_config([tmp_path / "corpus[1].jsonl"], tmp_path))) == [
+        "The intended file."
+    ]
+    assert list(iter_documents(files_config([tmp_path / "corpus[0-9].jsonl"], tmp_path))) == [
+        "Other file entirely."
+    ]  # a pattern that names no file is still a glob
+
+
+def test_a_non_text_column_is_named_on_every_reader(tmp_path):
+    """Parquet (read through `datasets`) said `'int' object has no attribute 'strip'`; the .jsonl reader named
+    the column already. A .txt file's byte-order mark is no text either (the .jsonl reader dropped it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for values, kind in (([1, 2], "int"), ([b"Hello there."], "bytes")):
+        path = tmp_path / f"{kind}.parquet"
+        pq.write_table(pa.table({"text": values}), path)
+        with pytest.raises(DataError, match=rf"column 'text' \(data.text_field\) holds {kind}, not text"):
+            list(iter_documents(files_config([path], tmp_path)))
+    (tmp_path / "bom.txt").write_bytes("\ufeffHello world.".encode())
+    assert list(iter_documents(files_config([tmp_path / "bom.txt"], tmp_path))) == ["Hello world."]
+
+
 def test_hub_source_uses_the_same_path(tmp_path):
     """A hub name goes through datasets.load_dataset(name, streaming=True); a local folder stands in for it."""
     folder = tmp_path / "my_dataset"

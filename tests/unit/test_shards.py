@@ -250,6 +250,28 @@ def test_restart_after_an_interruption_while_writing_final_shards(corpus, tmp_pa
     assert not [n for n in names if n.startswith(("stage-", "dedup", "."))], names
 
 
+def test_a_kill_just_after_the_manifest_leaves_no_working_files_on_the_next_run(
+    corpus, tmp_path, monkeypatch
+):
+    """The working files were removed after manifest.json was written; a run killed in between left them for
+    good, as the next run found the set complete and returned before its cleanup."""
+    data = data_config(corpus, tmp_path / "cache")
+    write = shards_module._write_manifest
+
+    def write_then_die(*args):
+        write(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards_module, "_write_manifest", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(data, prep_config(tmp_path / "shards"))
+    monkeypatch.undo()
+    assert (tmp_path / "shards" / "dedup.json").is_file()
+    prepare_shards(data, prep_config(tmp_path / "shards"))
+    names = {p.name for p in (tmp_path / "shards").iterdir()}
+    assert not [n for n in names if n.startswith(("stage-", "dedup", "."))], names
+
+
 def test_near_duplicate_in_a_later_chunk_is_removed_and_the_original_kept(corpus, tmp_path):
     data = data_config(corpus, tmp_path / "cache")
     manifest = prepare_shards(data, prep_config(tmp_path / "shards"))
