@@ -45,8 +45,8 @@ def train(dict_cfg: DictConfig) -> int:
     return 0
 
 
-@record
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@record  # inside Hydra, which turns an exception into sys.exit(1) before an outer @record could write it
 def main(dict_cfg: DictConfig) -> None:
     setup_logging()
     try:

@@ -9,13 +9,16 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("llmtrain")
+T = TypeVar("T")
 
 
 @dataclass
@@ -101,6 +104,45 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def rank_zero_first(fn: Callable[[], T], waiting_for: str) -> T:
+    """fn() on rank 0, then on the other ranks (which read what rank 0 wrote: a cache, a run directory).
+
+    An error on rank 0 is raised on every rank with its message: the others would otherwise wait in a barrier
+    that rank 0's exit breaks, and end with a gloo/NCCL traceback naming nothing. Their wait is bounded by the
+    group's timeout (parallel.timeout_minutes); running past it, or rank 0 dying, is named as such."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    verdict: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:
+            verdict[0] = (type(err), str(err))
+            dist.broadcast_object_list(verdict, src=0)
+            raise
+        dist.broadcast_object_list(verdict, src=0)
+        return result
+    try:
+        dist.broadcast_object_list(verdict, src=0)
+    except Exception as err:  # the wait timed out, or rank 0 went away without a verdict
+        from llmtrain.config import ConfigError
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(
+            f"rank {dist.get_rank()} gave up waiting for rank 0 to finish {waiting_for} ({first}); if rank 0 was "
+            "still at work, raise parallel.timeout_minutes or do that work beforehand (scripts/prepare_data.py "
+            "writes data.shards)"
+        ) from None
+    if verdict[0] is not None:
+        kind, message = verdict[0]
+        try:
+            error = kind(message)
+        except Exception:
+            error = RuntimeError(message)
+        raise error
+    return fn()
 
 
 def destroy() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from llmtrain.config import ConfigError, TrainConfig, fsdp_wraps, resolve_batch
 from llmtrain.data import Corpus, DataError, Tokenizer, load_tokenizer
 from llmtrain.data.mixture import build_loaders, load_corpus
 from llmtrain.data.prefetch import Prefetcher, pinned
-from llmtrain.distributed.env import DistInfo, all_reduce_sum, barrier, init_distributed
+from llmtrain.distributed.env import DistInfo, all_reduce_sum, init_distributed, rank_zero_first
 from llmtrain.distributed.parallelize import clip_grad_norm, parallelize, reshard_all
 from llmtrain.inference.generate import greedy_seq2seq, sample
 from llmtrain.measure.flops import forward_flops, measure_matmul_peak
@@ -135,6 +136,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def dropout_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The global torch generator's seed on `rank` once the weights are made (dropout masks), for a run
+    starting at `step`: each rank its own stream, apart from the objective's (seed + rank, ...)."""
+    digest = hashlib.blake2b(f"dropout {seed} {rank} {step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def drop_records_after(path: Path, step: int) -> None:
@@ -259,19 +267,19 @@ class Trainer:
             )
         chosen_tokenizer = self._init_from_tokenizer(cfg)
 
-        if corpus is None and not self.dist.is_main:
-            barrier()  # rank 0 tokenizes and caches first; the others then read its cache
-        try:
-            self.corpus = corpus or load_corpus(cfg.data)  # data.shards, data.mixture, or tokenised here
-        except DataError as err:  # e.g. shards made with another tokenizer than the weights'
-            if chosen_tokenizer is None:
-                raise
-            raise DataError(
-                f"model.init_from={cfg.model.init_from} set data.tokenizer.path={chosen_tokenizer} (the tokenizer "
-                f"its weights were trained with): {err}"
-            ) from None
-        if corpus is None and self.dist.is_main:
-            barrier()
+        def read_corpus() -> Corpus:
+            try:
+                return load_corpus(cfg.data)  # data.shards, data.mixture, or tokenised here
+            except DataError as err:  # e.g. shards made with another tokenizer than the weights'
+                if chosen_tokenizer is None:
+                    raise
+                raise DataError(
+                    f"model.init_from={cfg.model.init_from} set data.tokenizer.path={chosen_tokenizer} (the "
+                    f"tokenizer its weights were trained with): {err}"
+                ) from None
+
+        # rank 0 tokenizes and caches first; the others then read its cache
+        self.corpus = corpus or rank_zero_first(read_corpus, "tokenizing the data")
         tok = self.corpus.tokenizer
         self._fit_vocabulary(tok)
         cfg.model.pad_token_id = tok.pad_id
@@ -313,6 +321,9 @@ class Trainer:
         self.model = build_model(cfg.model, self.device)
         # the module to call in training (DDP wraps; FSDP shards self.model in place)
         self.forward_model = parallelize(self.model, cfg.parallel, self.dist, self.precision)
+        # the weights came from one seed on every rank; dropout draws each rank's own masks (as nanoGPT's seed
+        # + rank), so a global batch over ranks is masked as it is in one process
+        torch.manual_seed(dropout_seed(cfg.seed, rank))
         # FSDP casts parameters itself (MixedPrecisionPolicy); otherwise autocast does
         self.use_autocast = self.precision != "fp32" and not self.fsdp
         self.scaler = self._make_scaler()
@@ -342,15 +353,18 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         resolved_config = resolved_config or dataclasses.asdict(cfg)
         self.resumed = self._resume()  # refuses a run directory it cannot continue before writing into it
-        if self.dist.is_main:
-            MetricsLog.check_wandb(cfg)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
-            kept = self.run_dir / "tokenizer.json"  # export, generate and evaluate find it there
-            source = Path(self.corpus.tokenizer_path)
-            if source.is_file() and (not kept.exists() or not kept.samefile(source)):
-                shutil.copyfile(source, kept)
-        barrier()
+
+        def write_run_directory() -> None:
+            if self.dist.is_main:
+                MetricsLog.check_wandb(cfg)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
+                kept = self.run_dir / "tokenizer.json"  # export, generate and evaluate find it there
+                source = Path(self.corpus.tokenizer_path)
+                if source.is_file() and (not kept.exists() or not kept.samefile(source)):
+                    shutil.copyfile(source, kept)
+
+        rank_zero_first(write_run_directory, "writing the run directory")
         self.metrics = (
             MetricsLog(cfg, self.run_dir, resolved_config, self.step if self.resumed else None)
             if self.dist.is_main
@@ -686,6 +700,7 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         else:  # another world size: fresh, still deterministic, streams
             self.objective_rng.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+            torch.manual_seed(dropout_seed(self.cfg.seed, self.dist.rank, self.step))
         self.batches.load_state_dict(
             {"loader": self.train_loader.state_dict(), "rng": self.objective_rng.get_state()}
         )

@@ -303,3 +303,67 @@ def test_a_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(corpus_file, cac
     result = json.loads((tmp_path / "decoder-test" / "result.json").read_text())
     assert result["stopped"] in ("SIGUSR1", "another rank") and result["steps"] < 2000
     assert (tmp_path / "decoder-test" / f"step-{result['steps']:07d}" / "train_state.pt").is_file()
+
+
+DROPOUT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    from llmtrain.config import to_dataclass
+    from llmtrain.distributed.env import destroy
+    from llmtrain.training.trainer import Trainer
+    from tests.conftest import compose_config
+
+    overrides = sys.argv[1:] if len(sys.argv) > 1 else OVERRIDES
+    trainer = Trainer(to_dataclass(compose_config(overrides)))
+    dropout = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout))
+    masks = []
+    dropout.register_forward_hook(lambda module, args, out: masks.append(out == 0))
+    trainer.train_step()
+    mine = masks[0].flatten().float()
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    if dist.get_rank() == 0:
+        print(f"dropped {mine.mean():.3f} identical {bool(torch.equal(everyone[0], everyone[1]))}", flush=True)
+        print("mask0", "".join(str(int(v)) for v in everyone[0][:64].tolist()), flush=True)
+    destroy()
+    """
+)
+
+
+def test_each_rank_draws_its_own_dropout_masks(corpus_file, cache_dir, tmp_path):
+    """The weights come from one seed on every rank; dropout then drew the same masks on every rank too (row i
+    of each rank's micro-batch masked alike: half the independent masks of one process's global batch).
+    Masks are still reproducible: a second launch draws the same ones."""
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path) + [
+        "parallel=ddp",
+        "model.dropout=0.1",
+        "trainer.micro_batch_size=4",
+        "trainer.num_threads=1",
+        "trainer.prefetch=0",
+    ]
+    source = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nOVERRIDES = {overrides!r}\n" + DROPOUT
+    runs = [run_on_ranks(tmp_path, source).stdout for _ in range(2)]
+    for out in runs:
+        dropped, identical = re.search(r"dropped ([\d.]+) identical (\w+)", out).groups()
+        assert 0.05 < float(dropped) < 0.15 and identical == "False", out
+    assert re.search(r"mask0 (\d+)", runs[0]).group(1) == re.search(r"mask0 (\d+)", runs[1]).group(1)
+
+
+def test_an_error_on_rank_0_alone_ends_every_rank_with_it(corpus_file, cache_dir, tmp_path):
+    """Rank 0 reads the data (and writes the run directory) while the others wait for it: its DataError left
+    them in a barrier that its exit broke, with a gloo traceback ("Connection closed by peer") named as the
+    root cause. Every rank now ends with rank 0's one-line error, rc 2."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    overrides = [
+        o if not o.startswith("data.paths=") else f"data.paths=[{bad}]"
+        for o in tiny_overrides(corpus_file, tmp_path / "fresh-cache", tmp_path)
+    ] + ["parallel=ddp", "trainer.num_threads=1"]
+    proc = launch(2, overrides, returncode=1)  # torchrun's own code for a failed rank (each exits 2)
+    errors = re.findall(
+        r"error: data.paths: \S*bad.jsonl: could not be read: line 2 is not valid JSON", proc.stderr
+    )
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert "Connection closed by peer" not in proc.stderr and "exitcode  : 2" in proc.stderr
