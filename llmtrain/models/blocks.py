@@ -500,6 +500,7 @@ class Stack(nn.Module):
         self.causal = causal
         self.embed = embedding if embedding is not None else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.max_seq_len = cfg.max_seq_len  # the table's rows (an int8 copy of it has no num_embeddings)
         self.token_type_embed = nn.Embedding(cfg.n_token_types, cfg.d_model) if cfg.n_token_types else None
         self.embed_norm = make_norm(cfg) if cfg.embedding_norm else None
         self.rotary = (
@@ -574,10 +575,10 @@ class Stack(nn.Module):
         x = self.embed(input_ids) if embedded is None else embedded  # (B, T, d)
         if self.pos_embed is not None:
             start = past or 0
-            if start + T > self.pos_embed.num_embeddings:  # as the rotary table says; CUDA would assert
+            if start + T > self.max_seq_len:  # as the rotary table says; CUDA would assert
                 raise ValueError(
                     f"position {start + T - 1} is past the learned position table of model.max_seq_len="
-                    f"{self.pos_embed.num_embeddings}"
+                    f"{self.max_seq_len}"
                 )
             x = x + self.pos_embed(torch.arange(start, start + T, device=device))
         if self.token_type_embed is not None:  # single segments: type 0 everywhere
