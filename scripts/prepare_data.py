@@ -16,14 +16,14 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llmtrain.cli import setup_logging
 from llmtrain.config import ConfigError
 from llmtrain.data.curation import CurationError, Report
 from llmtrain.data.shards import PrepareConfig, output_dir, prepare_shards, register_prepare_config
 from llmtrain.data.sources import DataError
-from llmtrain.measure.options import table, train_config
+from llmtrain.measure.options import section, table, train_config
 
 register_prepare_config("prepare_data")
 
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     setup_logging()
     try:
         data = train_config(cfg, "prepare").data
-        prep: PrepareConfig = OmegaConf.to_object(cfg.prepare)
+        prep: PrepareConfig = section(cfg, "prepare")
         manifest = prepare_shards(data, prep)
     except (ConfigError, DataError, CurationError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

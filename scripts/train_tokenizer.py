@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llmtrain.cli import setup_logging
 from llmtrain.config import ConfigError, DataConfig
@@ -27,7 +27,7 @@ from llmtrain.data.curation import CurationError
 from llmtrain.data.shards import curated_texts, register_prepare_config
 from llmtrain.data.sources import DataError
 from llmtrain.data.tokenizer import TOKENIZER_KINDS, atomic_write_text, train_tokenizer
-from llmtrain.measure.options import table, train_config
+from llmtrain.measure.options import section, table, train_config
 
 
 @dataclass
@@ -111,9 +111,9 @@ def output_path(opts: TokenizerTraining, data: DataConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     setup_logging()
     try:
-        opts: TokenizerTraining = OmegaConf.to_object(cfg.tokenizer_training)
+        opts: TokenizerTraining = section(cfg, "tokenizer_training")
         data = train_config(cfg, "prepare", "tokenizer_training", trains_bpe=opts.kind == "bpe").data
-        curation = OmegaConf.to_object(cfg.prepare).curation
+        curation = section(cfg, "prepare").curation
         check_options(opts)
         t = data.tokenizer
         path = output_path(opts, data)

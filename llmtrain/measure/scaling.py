@@ -163,7 +163,12 @@ def load_runs(run_dirs: Iterable[Path], skip_unfinished: bool = True) -> tuple[l
         except (ScalingError, ConfigError, KeyError) as err:  # ConfigError: a config.json of another version
             if not skip_unfinished:
                 raise
-            skipped.append(str(err) if isinstance(err, ScalingError) else f"{run_dir}: result lacks {err}")
+            if isinstance(err, ScalingError):
+                skipped.append(str(err))
+            elif isinstance(err, ConfigError):
+                skipped.append(f"{run_dir}: config.json: {err}")
+            else:
+                skipped.append(f"{run_dir}: result lacks {err}")
     return points, skipped
 
 

@@ -7,6 +7,7 @@ thousands of shapes; a test checks them against `count_parameters` of the built 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from llmtrain.config import TrainConfig
 from llmtrain.models.config import GATED_MLPS, ModelConfig
@@ -35,14 +36,21 @@ def model_config_for(cfg: TrainConfig) -> ModelConfig:
 
 
 def tokenizer_vocab_size(cfg: TrainConfig) -> int:
-    """The vocabulary the trainer gives a model of vocab_size 0: the tokenizer file's (data.tokenizer.path, or
-    the one of data.shards / the first data.mixture source), else the size of the BPE the run trains."""
+    """The vocabulary the trainer gives a model of vocab_size 0: the tokenizer file's (data.tokenizer.path,
+    model.init_from's tokenizer.json, or the one of data.shards / the first data.mixture source), else the size
+    of the BPE the run trains."""
     from llmtrain.data.shards import open_shards
     from llmtrain.data.tokenizer import load_tokenizer
 
     data = cfg.data
     if data.tokenizer.path:
         return load_tokenizer(data.tokenizer.path).vocab_size
+    kept = Path(cfg.model.init_from or "") / "tokenizer.json"  # the trainer reads with the weights' tokenizer
+    if cfg.model.init_from and kept.is_file():
+        try:
+            return load_tokenizer(kept).vocab_size
+        except ValueError:  # not llmtrain's (the trainer trains one on the data then, as below)
+            pass
     prepared = data.shards or (data.mixture[0].path if data.mixture else None)
     if prepared:
         return open_shards(prepared).tokenizer().vocab_size

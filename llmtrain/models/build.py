@@ -32,7 +32,12 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modu
     if cfg.init_from:
         from llmtrain.models.hf import load_hf_weights
 
-        load_hf_weights(model, cfg.init_from)
+        try:
+            load_hf_weights(model, cfg.init_from)
+        except ModelConfigError:
+            raise
+        except (KeyError, ValueError) as err:  # weights that do not fit, a config.json that is no object
+            raise ModelConfigError(f"model.init_from={cfg.init_from}: {err}") from None
     return model
 
 

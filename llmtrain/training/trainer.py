@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -138,6 +139,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def wandb_key_configured() -> bool:
+    """WANDB_API_KEY, or a netrc entry for the W&B host (WANDB_BASE_URL, the base_url of wandb's settings file,
+    else api.wandb.ai), where `wandb login` writes the key."""
+    import configparser
+    import netrc
+    import urllib.parse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    settings = configparser.ConfigParser()
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    try:
+        settings.read(config_dir / "settings")
+    except configparser.Error:
+        pass
+    base_url = os.environ.get("WANDB_BASE_URL") or settings.get("default", "base_url", fallback="")
+    host = urllib.parse.urlparse(base_url or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def dropout_seed(seed: int, rank: int, step: int = 0) -> int:
     """The global torch generator's seed on `rank` once the weights are made (dropout masks), for a run
     starting at `step`: each rank its own stream, apart from the objective's (seed + rank, ...)."""
@@ -191,19 +215,16 @@ class MetricsLog:
 
     @staticmethod
     def check_wandb(cfg: TrainConfig) -> None:
-        """An online W&B run needs an API key; without one (and no terminal to ask on) wandb.init fails after
-        the run directory is written. Checked before anything is written; no network is used."""
-        if cfg.logger.wandb != "online":
+        """An online W&B run needs an API key; without one, and no terminal to ask for it on (torchrun, Slurm),
+        wandb.init fails after the run directory is written. Checked before anything is written, from the
+        places `wandb login` keeps a key (WANDB_API_KEY, ~/.netrc): no network, no prompt."""
+        interactive = sys.stdin is not None and sys.stdin.isatty()
+        if cfg.logger.wandb != "online" or interactive or wandb_key_configured():
             return
-        import wandb
-
-        try:
-            wandb.login(verify=False)
-        except wandb.errors.UsageError as err:
-            raise ConfigError(
-                f"logger.wandb=online needs a W&B API key ({err}); set WANDB_API_KEY or run `wandb login`, "
-                "or use logger.wandb=offline and `wandb sync` the run later"
-            ) from None
+        raise ConfigError(
+            "logger.wandb=online needs a W&B API key and there is no terminal to ask for one on; set "
+            "WANDB_API_KEY or run `wandb login`, or use logger.wandb=offline and `wandb sync` the run later"
+        )
 
     def write(self, record: dict[str, Any]) -> None:
         if self.jsonl:

@@ -72,6 +72,18 @@ def test_a_key_added_with_plus_is_refused_by_name(override, named):
     way was kept by the merge and dropped by to_object: the run trained without it, and said nothing."""
     with pytest.raises(ConfigError, match=re.escape(named)):
         to_dataclass(compose_config([override, "run_name=x"]))
+    from omegaconf import OmegaConf, open_dict
+
+    from llmtrain.data.shards import PrepareConfig
+    from llmtrain.measure.options import section
+
+    prepare = OmegaConf.structured(
+        PrepareConfig
+    )  # scripts' own sections (prepare_data, train_tokenizer, plan)
+    with open_dict(prepare.curation.dedup):
+        prepare.curation.dedup.treshold = 0.7  # what +prepare.curation.dedup.treshold=0.7 composes
+    with pytest.raises(ConfigError, match=re.escape("unknown setting prepare.curation.dedup.treshold")):
+        section({"prepare": prepare}, "prepare")
     mixture = {"data": {"mixture": [{"path": "a", "weight": 1.0}, {"path": "b", "wieght": 1.0}]}}
     with pytest.raises(ConfigError, match=re.escape("unknown setting data.mixture[1].wieght")):
         to_dataclass(mixture)

@@ -530,6 +530,12 @@ def test_a_config_that_disagrees_with_its_weights_gets_a_clear_error(trained_run
         CheckpointError, match=r"weights do not fit the model: \S+ is \(\d+, \d+\) in the weights"
     ):
         load_trained_model(folder)
+    from llmtrain.models import ModelConfigError
+    from llmtrain.models.hf import model_config_from_hf
+
+    widened = model_config_from_hf(json.loads(config_path.read_text()))  # a training run's model.init_from
+    with pytest.raises(ModelConfigError, match=rf"model.init_from={folder}: weights do not fit the model"):
+        build_model(replace(widened, init_from=str(folder)))
     config_path.write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="holds a JSON list, not the object of a model's settings"):
         load_trained_model(folder)

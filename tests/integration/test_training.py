@@ -195,6 +195,18 @@ def test_online_wandb_without_an_api_key_is_refused_before_the_run_directory(
     with pytest.raises(ConfigError, match="logger.wandb=online needs a W&B API key"):
         Trainer(cfg)
     assert not (Path(cfg.output_dir) / "online").exists()
+    # a key where `wandb login` keeps one passes, read locally (wandb.login looked the user up over the network)
+    from llmtrain.training.trainer import MetricsLog
+
+    (tmp_path / "home").mkdir()
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    MetricsLog.check_wandb(cfg)
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    MetricsLog.check_wandb(cfg)
 
 
 def test_a_run_resumes_under_settings_its_weights_do_not_depend_on(tiny_config):

@@ -260,3 +260,11 @@ def test_a_run_on_a_given_tokenizer_is_counted_with_that_tokenizer(tiny_config, 
     assert point_from_run(trainer.run_dir).n_params == built  # an older run: its copy of the tokenizer
     cfg = to_dataclass(json.loads((trainer.run_dir / "config.json").read_text()))
     assert cfg.model.vocab_size == 0 and parameter_count(run_model(trainer.run_dir, cfg)) == built
+    # model.init_from's tokenizer.json is the one the trainer reads with, when no data.tokenizer.path is set
+    from llmtrain.inference.export import export_hf
+
+    folder = export_hf(trainer.model.state_dict(), trainer.cfg.model, tmp_path / "hf", tokenizer)
+    initialised = tiny_config(
+        "decoder", "data.tokenizer.path=null", "data.tokenizer.vocab_size=4096", f"model.init_from={folder}"
+    )
+    assert model_config_for(initialised).vocab_size == first.cfg.model.vocab_size
