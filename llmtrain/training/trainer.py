@@ -331,7 +331,12 @@ class Trainer:
         sequences = t.micro_batch_size * t.grad_accum_steps * world
         self.flops_per_step = forward_flops(cfg.model, lengths_for(cfg)).training * sequences  # all ranks
         if t.max_flops:  # a compute budget (IsoFLOP sweeps): as many steps as it pays for
-            t.max_steps = max(1, int(t.max_flops // self.flops_per_step))
+            if t.max_flops < self.flops_per_step:  # one step would overspend it, and the fit take it as C
+                raise ConfigError(
+                    f"trainer.max_flops={t.max_flops:.3g} pays for no step: one step of this model and batch is "
+                    f"{self.flops_per_step:.3g} FLOPs; raise it, or lower the batch or the model"
+                )
+            t.max_steps = int(t.max_flops // self.flops_per_step)
             self.log(
                 "trainer.max_flops=%.3g: %d steps of %.3g FLOPs",
                 t.max_flops,
@@ -364,9 +369,11 @@ class Trainer:
         # fused AdamW takes found_inf (as under GradScaler): the guard's verdict stays on the device and the
         # optimizer skips a bad update itself, so a step needs no host sync; others decide on the host
         # (not with parameters offloaded to the CPU: the flag would cross devices without a sync)
+        # ZeRO-1 steps its rank's part with a wrapped fused AdamW, which takes found_inf in the same way
+        self.steps_with = getattr(self.optimizer, "optim", self.optimizer)
         self.guard_on_device = (
             self.scaler is None
-            and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+            and getattr(self.steps_with, "_step_supports_amp_scaling", False)
             and all(p.device == self.device for p in self.model.parameters())
         )
         self.spikes = SpikeDetector(t.spike_factor)
@@ -573,7 +580,9 @@ class Trainer:
         if self.grad_bytes is None:  # measured once, while the gradients exist
             self.grad_bytes = local_bytes(p.grad for p in self.model.parameters() if p.grad is not None)
         if self.guard_on_device:  # agreed by all ranks; read back at the next log, eval or checkpoint
-            self.optimizer.found_inf = self.guard.defer(self.guard.flag(total, self.grad_norm), self.step + 1)
+            self.steps_with.found_inf = self.guard.defer(
+                self.guard.flag(total, self.grad_norm), self.step + 1
+            )
             self.optimizer.step()
         elif self.guard.bad(total, self.grad_norm):  # agreed by all ranks: all skip, or none
             self.guard.handle(self.step + 1)

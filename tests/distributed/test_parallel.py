@@ -367,3 +367,68 @@ def test_an_error_on_rank_0_alone_ends_every_rank_with_it(corpus_file, cache_dir
     )
     assert len(errors) == 2, proc.stderr[-3000:]
     assert "Connection closed by peer" not in proc.stderr and "exitcode  : 2" in proc.stderr
+
+
+ZERO1_GUARD = textwrap.dedent(
+    """
+    import torch
+    from llmtrain.config import to_dataclass
+    from llmtrain.distributed.env import destroy
+    from llmtrain.training.guards import StopRequest
+    from llmtrain.training.trainer import Trainer
+    from tests.conftest import compose_config
+
+    reads = [0]
+    item = torch.Tensor.item
+
+    def counted(self):
+        reads[0] += 1
+        return item(self)
+
+    trainer = Trainer(to_dataclass(compose_config(OVERRIDES)))
+    forward, calls = trainer.forward_model, [0]
+
+    def poisoned(**batch):  # a NaN loss on the 3rd micro-batch of rank 0
+        out = forward(**batch)
+        calls[0] += 1
+        if calls[0] == 3 and trainer.dist.rank == 0:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.forward_model = poisoned
+    trainer.evaluate = lambda: {}
+    torch.Tensor.item = counted
+    trainer._loop(StopRequest(), None)
+    torch.Tensor.item = item
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    print(f"rank {trainer.dist.rank} on_device {trainer.guard_on_device} reads {reads[0]} "
+          f"skipped {trainer.guard.skipped} finite {finite}", flush=True)
+    destroy()
+    """
+)
+
+
+def test_zero1_keeps_the_non_finite_verdict_on_the_device(corpus_file, cache_dir, tmp_path):
+    """ZeRO-1's wrapper takes no found_inf, so the guard read the loss and gradient norm on the host every
+    step; the verdict now goes to the fused AdamW it wraps: 12 steps read a fixed number of values (the final
+    log's), and the NaN step is skipped on both ranks."""
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path) + [
+        "parallel=ddp",
+        "parallel.zero1=true",
+        "trainer.max_steps=12",
+        "trainer.log_interval=1000",
+        "trainer.checkpoint=false",
+        "trainer.stop_check_interval=1000",
+        "trainer.nonfinite=skip",
+        "trainer.micro_batch_size=4",
+        "trainer.num_threads=1",
+        "trainer.sample_tokens=0",
+    ]
+    source = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nOVERRIDES = {overrides!r}\n" + ZERO1_GUARD
+    rows = re.findall(
+        r"rank (\d) on_device (\w+) reads (\d+) skipped (\d+) finite (\w+)",
+        run_on_ranks(tmp_path, source).stdout,
+    )
+    assert sorted(r[0] for r in rows) == ["0", "1"], rows
+    for _, on_device, reads, skipped, finite in rows:
+        assert (on_device, skipped, finite) == ("True", "1", "True") and int(reads) <= 4, rows

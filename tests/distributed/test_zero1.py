@@ -64,3 +64,20 @@ def save_and_resume(tmp_path, device: str) -> None:
 
 def test_a_zero1_save_and_resume_keep_one_copy_of_the_states(one_rank, tmp_path):
     save_and_resume(tmp_path, "cpu")
+
+
+def test_the_guard_verdict_reaches_zero1s_wrapped_adamw(one_rank):
+    """The trainer keeps the non-finite verdict on the device by handing fused AdamW a found_inf; under ZeRO-1
+    it gives it to the wrapped AdamW that steps the rank's part (the wrapper has no found_inf, so the guard had
+    read the loss and gradient norm on the host every step). found_inf 1 skips the update; 0 applies it."""
+    model, optimizer = trained("cpu")
+    assert getattr(optimizer.optim, "_step_supports_amp_scaling", False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 16))
+    model(ids, ids).loss.backward()
+    optimizer.optim.found_inf = torch.tensor(1.0)  # the guard's flag: a 0-d float
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    optimizer.optim.found_inf = torch.tensor(0.0)
+    optimizer.step()
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())

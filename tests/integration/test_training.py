@@ -511,6 +511,12 @@ def test_flop_budget_sets_the_number_of_steps(tiny_config):
     budget = 5.5 * probe.flops_per_step
     trainer = Trainer(tiny_config("decoder", f"trainer.max_flops={budget}", "trainer.sample_tokens=0"))
     assert trainer.cfg.trainer.max_steps == 5 and trainer.fit()["steps"] == 5
+    # a budget below one step was rounded up to one step (76x the budget in the review), and the fit took the
+    # budget as that run's C
+    small = tiny_config("decoder", f"trainer.max_flops={0.5 * probe.flops_per_step}", "run_name=small")
+    with pytest.raises(ConfigError, match=r"trainer.max_flops=\S+ pays for no step: one step of this model"):
+        Trainer(small)
+    assert not (Path(small.output_dir) / "small").exists()
 
 
 @pytest.mark.parametrize("model", FAMILIES)
