@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from llmtrain.cli import number
 from llmtrain.config import TrainConfig
@@ -35,7 +36,15 @@ from llmtrain.measure.shapes import lengths_for
 from llmtrain.models import ModelConfig, count_parameters
 from llmtrain.training.trainer import Trainer
 
-# (family, model shape, seq_len, vocab, micro-batch)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_model(name: str) -> ModelConfig:
+    """The architecture of configs/model/<name>.yaml (its `model:` fields, read as data)."""
+    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{name}.yaml"))["model"])
+
+
+# (family, model shape, seq_len, vocab, micro-batch); the published shapes are the presets' architectures
 GPT2 = dict(norm="layernorm", mlp="gelu", position="learned", bias=True)
 SHAPES: dict[str, tuple[ModelConfig, int, int, int]] = {
     "decoder_tiny": (ModelConfig("decoder", d_model=128, n_layers=2, n_heads=4, max_seq_len=128), 128, 4096, 16),
@@ -43,11 +52,8 @@ SHAPES: dict[str, tuple[ModelConfig, int, int, int]] = {
     "encoder_small": (ModelConfig("encoder", d_model=384, n_layers=6, n_heads=6, max_seq_len=256, **GPT2), 256, 4096, 16),
     "t5_small": (ModelConfig("encoder_decoder", d_model=384, n_layers=4, n_heads=6, max_seq_len=256), 256, 4096, 16),
     "gpt2_124m": (ModelConfig("decoder", d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, **GPT2), 1024, 50304, 16),
-    "bert_base": (ModelConfig("encoder", d_model=768, n_layers=12, n_heads=12, max_seq_len=512, **GPT2), 512, 30528, 32),
-    "t5_base": (
-        ModelConfig("encoder_decoder", d_model=768, n_layers=12, n_heads=12, d_ff=2048, max_seq_len=512),
-        512, 32128, 32,
-    ),
+    "bert_base": (preset_model("bert"), 512, 30528, 32),  # post-norm, token types, MLM head transform
+    "t5_base": (preset_model("t5"), 512, 32128, 32),  # T5 v1.1: relative bias, GEGLU, untied head
 }  # fmt: skip
 OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span_corruption"}
 
