@@ -178,3 +178,24 @@ def test_the_trainer_refuses_a_precision_it_does_not_know():
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     with pytest.raises(ConfigError, match="trainer.precision='--help' is not allowed; allowed: auto, bf16"):
         resolve_precision("--help", torch.device("cpu"))
+
+
+def test_bench_published_shapes_are_the_presets_they_are_named_after():
+    """bert_base was a pre-norm GPT-2-style encoder and t5_base a rotary/SwiGLU/tied encoder-decoder (222.9M):
+    their MFU figures did not measure the recipes. They are the presets' architectures now, at the published
+    sizes (T5 v1.1 base: 247,577,856 parameters, as HF's untied T5 counts)."""
+    from dataclasses import replace
+
+    from llmtrain.measure.shapes import parameter_count
+
+    shapes = bench_script().SHAPES
+    counts = {name: parameter_count(replace(shapes[name][0], vocab_size=shapes[name][2])) for name in shapes}
+    assert counts["t5_base"] == 247_577_856 and counts["gpt2_124m"] == 124_475_904
+    bert, t5 = shapes["bert_base"][0], shapes["t5_base"][0]
+    assert (bert.norm_position, bert.n_token_types, bert.head_transform, bert.embedding_norm) == (
+        "post",
+        2,
+        True,
+        True,
+    )
+    assert (t5.position, t5.mlp, t5.tie_embeddings) == ("relative", "geglu", False)
