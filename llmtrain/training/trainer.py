@@ -571,6 +571,7 @@ class Trainer:
                     out = self.forward_model(**batch)
                     # 1 with one micro-batch in one process, 1/accum with equal counts
                     loss = out.loss * ((out.n_targets * world).double() / step_targets).float()
+                    del out  # its logits (B x T x V) would live through the backward and the optimizer step
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
