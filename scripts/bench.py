@@ -198,6 +198,7 @@ def bench(
         activation_checkpointing=ac,
         grad_accum_steps=trainer.cfg.trainer.grad_accum_steps,
         optimizer="fused",  # llmtrain uses fused AdamW on CUDA and CPU
+        device=trainer.device.type,
     )
     estimate = estimate_memory(
         trainer.cfg.model, lengths_for(trainer.cfg), trainer.cfg.trainer.micro_batch_size, setup

@@ -41,9 +41,10 @@ With activation checkpointing per block (as torchtitan applies it), each block k
 residual stream); in backward one block at a time is rebuilt, and its activations plus the gradients inside
 it (at its MLP: 3f + 2h wide when gated, 2f + 2h for GELU) come on top of the inputs.
 
-The step peaks either at the start of the backward pass (states + activations + loss gradients) or during
-the optimizer step (states + gradients, + the sqrt(v) buffer of foreach AdamW; fused AdamW, llmtrain's on CUDA and
-CPU, needs none); gradients are freed by `zero_grad(set_to_none=True)`, so they add to the first peak only
+The step peaks at the start of the backward pass (states + activations + loss gradients), at its end with
+tied embeddings (all the gradients, and the tied weight's head and embedding gradients with their sum: two
+V x d matrices more), or during the optimizer step (states + gradients, + the sqrt(v) buffer of foreach
+AdamW; fused AdamW, llmtrain's on CUDA and CPU, needs none); gradients are freed by `zero_grad(set_to_none=True)`, so they add to the first peak only
 under gradient accumulation. Not counted: dropout masks (dropout defaults to 0), padding masks, the gradient
 of T5's bias (transient, (B, heads, T, T) for one block), the CUDA context and allocator fragmentation
 (leave a reserve: `usable_fraction` where a GPU is fitted), DDP's gradient buckets (none with
@@ -66,7 +67,7 @@ import torch
 
 from llmtrain.measure.shapes import Lengths, all_block_parameters, largest_block_parameters, parameter_count
 from llmtrain.models.config import GATED_MLPS, ModelConfig
-from llmtrain.models.heads import GPU_LOSS_CHUNK
+from llmtrain.models.heads import CPU_LOSS_CHUNK, GPU_LOSS_CHUNK
 
 FP32 = 4
 
@@ -135,6 +136,9 @@ class Setup:
     to backward, as zero2 does (zero2 / zero3 name the choice themselves)."""
     optimizer: str = "fused"
     """AdamW implementation: fused (llmtrain, on CUDA and CPU; no temporaries) | foreach (one sqrt(v) buffer)."""
+    device: str = "cuda"
+    """cuda | cpu: in 16 bit the loss makes its logits' gradient in fp32 chunks of 2^25 (CUDA) or 2^20 (CPU)
+    elements (`llmtrain.models.heads.loss_chunk_elements`)."""
 
 
 def sharding_factor(setup: Setup) -> int:
@@ -322,9 +326,8 @@ def activation_bytes(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup
     head = lengths.predicted * _head_bytes(cfg, p)
     logits = micro_batch * lengths.predicted * cfg.vocab_size
     # the logits' gradient, and in 16 bit the fp32 chunk it is computed in
-    loss_gradients = logits * p.activation + (
-        FP32 * min(logits, GPU_LOSS_CHUNK) if p.activation < FP32 else 0
-    )
+    chunk = CPU_LOSS_CHUNK if setup.device == "cpu" else GPU_LOSS_CHUNK
+    loss_gradients = logits * p.activation + (FP32 * min(logits, chunk) if p.activation < FP32 else 0)
     if not setup.activation_checkpointing:
         return Activations(
             micro_batch * (blocks + extras + head), loss_gradients, micro_batch * (blocks + extras + inside)
@@ -345,6 +348,13 @@ class MemoryEstimate:
     step_temporaries: float
     """foreach AdamW's sqrt(v) buffer (none for fused AdamW, or when the optimizer runs on the host)."""
     grads_during_backward: bool
+    tied_gradients: float = 0.0
+    """A tied embedding's last moment in backward: its head gradient, its embedding gradient and their sum
+    (two V x d fp32 matrices beyond the one counted with the gradients), after every other gradient."""
+
+    @property
+    def end_of_backward_peak(self) -> float:
+        return self.states.total + self.tied_gradients
 
     @property
     def backward_peak(self) -> float:
@@ -358,7 +368,7 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> float:
-        return max(self.backward_peak, self.optimizer_peak)
+        return max(self.backward_peak, self.end_of_backward_peak, self.optimizer_peak)
 
     def components(self) -> dict[str, float]:
         """Named parts for a table (the peak is not their sum: see backward_peak and optimizer_peak)."""
@@ -407,6 +417,7 @@ def estimate_memory(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup:
         activations=activation_bytes(cfg, lengths, micro_batch, setup),
         step_temporaries=step_temporaries,
         grads_during_backward=setup.grad_accum_steps > 1,
+        tied_gradients=2 * cfg.vocab_size * cfg.d_model * FP32 if cfg.tie_embeddings else 0.0,
     )
 
 
