@@ -8,6 +8,7 @@ import gc
 import importlib
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,6 +121,10 @@ def rank_zero_first(fn: Callable[[], T], waiting_for: str) -> T:
             result = fn()
         except Exception as err:
             verdict[0] = (type(err), str(err))
+            try:  # the others rebuild it from its class, which must pickle (a class defined in a function does not)
+                pickle.dumps(verdict[0])
+            except Exception:
+                verdict[0] = (RuntimeError, f"{type(err).__name__}: {err}")
             dist.broadcast_object_list(verdict, src=0)
             raise
         dist.broadcast_object_list(verdict, src=0)

@@ -432,3 +432,38 @@ def test_zero1_keeps_the_non_finite_verdict_on_the_device(corpus_file, cache_dir
     assert sorted(r[0] for r in rows) == ["0", "1"], rows
     for _, on_device, reads, skipped, finite in rows:
         assert (on_device, skipped, finite) == ("True", "1", "True") and int(reads) <= 4, rows
+
+
+RANK_ZERO_FIRST = textwrap.dedent(
+    """
+    from llmtrain.data import DataError
+    from llmtrain.distributed.env import destroy, init_distributed, rank_zero_first
+
+    info = init_distributed("cpu")
+
+    def local_error():
+        class Local(Exception):  # a class pickle cannot name
+            pass
+
+        raise Local("boom")
+
+    for fn, name in ((lambda: (_ for _ in ()).throw(DataError("bad data")), "data"), (local_error, "local")):
+        try:
+            rank_zero_first(fn if info.rank == 0 else (lambda: "read"), name)
+        except Exception as err:
+            print(f"rank {info.rank} {name} {type(err).__name__}: {err}", flush=True)
+    print(f"rank {info.rank} both", rank_zero_first(lambda: info.rank, "nothing"), flush=True)
+    destroy()
+    """
+)
+
+
+def test_rank_zero_first_raises_rank_0s_error_on_every_rank(tmp_path):
+    """Rank 0's error reaches the others by class and message; a class pickle cannot name (defined in a
+    function) arrives as a RuntimeError naming it, instead of failing rank 0's broadcast and leaving the others
+    waiting out the timeout. Without an error each rank runs the function itself, rank 0 first."""
+    out = run_on_ranks(tmp_path, RANK_ZERO_FIRST).stdout
+    for rank in "01":
+        assert f"rank {rank} data DataError: bad data" in out, out
+        assert f"rank {rank} both {rank}" in out, out
+    assert "rank 0 local Local: boom" in out and "rank 1 local RuntimeError: Local: boom" in out, out
