@@ -238,7 +238,7 @@ def test_a_run_on_a_given_tokenizer_is_counted_with_that_tokenizer(tiny_config, 
         "decoder",
         f"data.tokenizer.path={tokenizer}",
         "data.tokenizer.vocab_size=4096",
-        "trainer.max_flops=2e7",
+        "trainer.max_flops=2e8",
         "trainer.sample_tokens=0",
         "run_name=given",
     )
