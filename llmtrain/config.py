@@ -278,6 +278,10 @@ def check_known_keys(node: Any, schema: type, prefix: str = "") -> None:
                 check_known_keys(value, kind, f"{name}.")
 
 
+TRAINER_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+"""trainer.precision's values."""
+
+
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; allowed: {', '.join(allowed)}")
@@ -469,7 +473,7 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
     _non_negative("trainer.time_limit_minutes", t.time_limit_minutes, " (0: no limit)")
     if t.max_flops is not None:
         check_positive("trainer.max_flops", t.max_flops)
-    _one_of("trainer.precision", cfg.trainer.precision, ("auto", "bf16", "fp16", "fp32"))
+    _one_of("trainer.precision", cfg.trainer.precision, TRAINER_PRECISIONS)
     p = cfg.parallel
     _one_of("parallel.strategy", p.strategy, ("single", "ddp", "fsdp"))
     if p.strategy == "fsdp":  # under torchrun the world size is known now

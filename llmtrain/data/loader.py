@@ -158,8 +158,8 @@ class WindowLoader:
             )
         self.batches_per_epoch = epoch_batches(self.n_windows, batch_size * world_size, steps_of)
         # the epoch's micro-batches start `start` windows into its order (0 unless resumed in mid-epoch from
-        # another micro-batch x ranks) and `batches_left` of them remain from there
-        self.epoch, self.index, self.start, self.batches_left = 0, 0, 0, self.batches_per_epoch
+        # another micro-batch x ranks)
+        self.epoch, self.index, self.start = 0, 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
@@ -167,15 +167,16 @@ class WindowLoader:
             return torch.arange(self.n_windows)
         return torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
 
+    @property
+    def batches_left(self) -> int:
+        """Micro-batches of this epoch from `start` on: whole ones of this layout up to the epoch's end."""
+        per_batch = self.batch_size * self.world_size
+        return (self.batches_per_epoch * per_batch - self.start) // per_batch
+
     def next_batch(self) -> torch.Tensor:
         """(batch_size, raw_length) int64 windows."""
         if self.index == self.batches_left:
-            self.epoch, self.index, self.start, self.batches_left = (
-                self.epoch + 1,
-                0,
-                0,
-                self.batches_per_epoch,
-            )
+            self.epoch, self.index, self.start = self.epoch + 1, 0, 0
             self._order = self._permutation()
         first = self.start + (self.index * self.world_size + self.rank) * self.batch_size
         starts = self._order[first : first + self.batch_size].numpy() * self.raw_length
@@ -191,8 +192,6 @@ class WindowLoader:
         """Continue at the next unread window of the epoch's order, whatever micro-batch x ranks read it
         before; the rest of the epoch is whole micro-batches of this layout (a shorter tail waits, as the
         tail of every epoch does, for a later epoch's order)."""
-        per_batch = self.batch_size * self.world_size
         self.epoch, self.index = int(state["epoch"]), 0
-        self.start = min(int(state["windows"]), self.batches_per_epoch * per_batch)
-        self.batches_left = (self.batches_per_epoch * per_batch - self.start) // per_batch
+        self.start = min(int(state["windows"]), self.batches_per_epoch * self.batch_size * self.world_size)
         self._order = self._permutation()

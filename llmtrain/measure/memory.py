@@ -44,8 +44,8 @@ it (at its MLP: 3f + 2h wide when gated, 2f + 2h for GELU) come on top of the in
 The step peaks at the start of the backward pass (states + activations + loss gradients), at its end with
 tied embeddings (all the gradients, and the tied weight's head and embedding gradients with their sum: two
 V x d matrices more), or during the optimizer step (states + gradients, + the sqrt(v) buffer of foreach
-AdamW; fused AdamW, llmtrain's on CUDA and CPU, needs none); gradients are freed by `zero_grad(set_to_none=True)`, so they add to the first peak only
-under gradient accumulation. Not counted: dropout masks (dropout defaults to 0), padding masks, the gradient
+AdamW; fused AdamW, llmtrain's on CUDA and CPU, needs none); gradients are freed by
+`zero_grad(set_to_none=True)`, so they add to the first peak only under gradient accumulation. Not counted: dropout masks (dropout defaults to 0), padding masks, the gradient
 of T5's bias (transient, (B, heads, T, T) for one block), the CUDA context and allocator fragmentation
 (leave a reserve: `usable_fraction` where a GPU is fitted), DDP's gradient buckets (none with
 gradient_as_bucket_view=True).

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmtrain.config import ConfigError, TrainConfig, fsdp_wraps, resolve_batch
+from llmtrain.config import TRAINER_PRECISIONS, ConfigError, TrainConfig, fsdp_wraps, resolve_batch
 from llmtrain.data import Corpus, DataError, Tokenizer, load_tokenizer
 from llmtrain.data.mixture import build_loaders, load_corpus
 from llmtrain.data.prefetch import Prefetcher, pinned
@@ -103,13 +103,10 @@ def model_changes(saved: dict[str, Any], current: ModelConfig) -> dict[str, tupl
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    if name not in (
-        "auto",
-        "bf16",
-        "fp16",
-        "fp32",
-    ):  # validate() says so too; benchmarks build Trainers directly
-        raise ConfigError(f"trainer.precision={name!r} is not allowed; allowed: auto, bf16, fp16, fp32")
+    if name not in TRAINER_PRECISIONS:  # validate() says so too; benchmarks build Trainers without it
+        raise ConfigError(
+            f"trainer.precision={name!r} is not allowed; allowed: {', '.join(TRAINER_PRECISIONS)}"
+        )
     supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
     if name == "auto":
         return "bf16" if supported else "fp32"
@@ -762,9 +759,8 @@ class Trainer:
         if not self.resumed or self.evaluates_at(self.step):
             self.write_metrics({"step": self.step, **first})
         result = {"initial_" + k: v for k, v in first.items()}
-        result["vocab_size"] = (
-            self.cfg.model.vocab_size
-        )  # config.json keeps 0 where it came from the tokenizer
+        # config.json keeps vocab_size 0 where it came from the tokenizer; the fit reads the model's from here
+        result["vocab_size"] = self.cfg.model.vocab_size
 
         progress = None
         if t.progress and self.dist.is_main:
