@@ -141,9 +141,9 @@ class TrainerConfig:
     """Stop with a checkpoint after this much wall-clock time since the trainer started (startup and the first
     evaluation included; 0: no limit), as on SIGTERM."""
     stop_check_interval: int = 1
-    """Steps between the ranks' agreement on a stop request (one tiny all-reduce; single process: free). Its
-    result is read on the host: under NCCL each check waits for the step's kernels, so raise it (e.g. to
-    trainer.log_interval) to keep the host ahead of the GPU; a stop then waits up to that many steps."""
+    """Steps between the ranks' agreement on a stop request (single process: free). One all-reduce of a host
+    flag over gloo (on CUDA too: it does not wait for the GPU's kernels), which makes the ranks' host threads
+    meet once per check; a stop waits up to this many steps."""
     nonfinite: str = "error"
     """A NaN/inf loss or gradient norm: error (stop, naming the step) | skip (drop the update, warn)."""
     max_skips: int = 3

@@ -60,14 +60,13 @@ def init_distributed(
     device: str = "auto",
     timeout_minutes: float = 10.0,
     need_group: bool = False,
-    cpu_collectives: bool = False,
 ) -> DistInfo:
     """Join the process group torchrun describes (if any) and pick this rank's device.
 
     device: auto (CUDA when present, else CPU) | cpu | cuda. need_group: make a one-rank process group when
-    not launched by torchrun (FSDP needs a group even on one device). cpu_collectives: on CUDA, also give the
-    group a gloo backend for CPU tensors (FSDP2 CPU offload keeps sharded gradients on the host, and the
-    gradient norm's all-reduce runs on them; NCCL alone has no CPU backend).
+    not launched by torchrun (FSDP needs a group even on one device). On CUDA the group has a gloo
+    backend for CPU tensors beside NCCL: the ranks agree on control flags (a stop request) on the host without
+    waiting for the GPU's queue, and FSDP2 CPU offload all-reduces the gradient norm of host-resident shards.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -82,7 +81,7 @@ def init_distributed(
     if not dist.is_initialized():
         for module in BIND_WORLD_AT_IMPORT:
             importlib.import_module(module)
-        backend = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if use_cuda else "gloo"
+        backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
         if use_cuda:  # surface NCCL errors as exceptions instead of hangs
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         kwargs = {} if launched_by_torchrun() else {"store": dist.HashStore(), "rank": 0, "world_size": 1}

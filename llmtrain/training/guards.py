@@ -63,9 +63,12 @@ class StopRequest:
             self.reason = "time limit"
         return self.reason is not None
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank was asked to stop (a collective: call it on all ranks together)."""
-        flag = torch.tensor([1.0 if self.local() else 0.0], device=device)
+    def agreed(self) -> bool:
+        """True on every rank when any rank was asked to stop (a collective: call it on all ranks together).
+
+        The flag is a host tensor (gloo: on CUDA the group has a CPU backend beside NCCL), so reading the
+        verdict does not wait for the GPU's queued kernels: the check costs one host round trip per call."""
+        flag = torch.tensor([1.0 if self.local() else 0.0])
         stop = all_reduce_sum(flag).item() > 0
         if stop and self.reason is None:
             self.reason = "another rank"

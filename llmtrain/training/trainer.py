@@ -252,7 +252,6 @@ class Trainer:
                 t.device,
                 cfg.parallel.timeout_minutes,
                 need_group=fsdp_wraps(cfg.parallel, 1),  # several ranks make a group anyway
-                cpu_collectives=cfg.parallel.cpu_offload,
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -900,7 +899,7 @@ class Trainer:
             return stop.local()
         if self.step % self.cfg.trainer.stop_check_interval:
             return False
-        return stop.agreed(self.device)  # every rank, the same steps: no collective on some ranks only
+        return stop.agreed()  # every rank, the same steps: no collective on some ranks only
 
     def sample_text(self, n_tokens: int) -> str:
         """A short demonstration of what the model learnt, in its family's own way."""
