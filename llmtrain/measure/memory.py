@@ -39,7 +39,10 @@ hybrid here) a MixedPrecisionPolicy casts the parameters instead, so activations
 
 With activation checkpointing per block (as torchtitan applies it), each block keeps only its input (the
 residual stream); in backward one block at a time is rebuilt, and its activations plus the gradients inside
-it (at its MLP: 3f + 2h wide when gated, 2f + 2h for GELU) come on top of the inputs.
+it (at its MLP: 3f + 2h wide when gated, 2f + 2h for GELU) come on top of the inputs. As the backward moves
+down, the inputs left shrink while the parameter gradients made so far (the head's, then each block's) grow
+and autocast's 16-bit weight copies of the blocks done are freed: the peak is taken over the first and last
+block of each stack (`Activations.in_blocks`).
 
 The step peaks at the start of the backward pass (states + activations + loss gradients), at its end with
 tied embeddings (all the gradients, and the tied weight's head and embedding gradients with their sum: two
@@ -52,8 +55,8 @@ gradient_as_bucket_view=True).
 
 Checked against measurement (tests/unit/test_measure_memory.py): every family, fp32 / bf16 autocast, with
 and without checkpointing, within 10% of the peak tensor memory on CPU for the tiny test models (the tests
-allow 15%; the widest gap, 9%, is fp32 with checkpointing, whose peak also holds the gradients of the blocks
-already done), and within 3% of torch.cuda.max_memory_allocated on an H200 (measured before the fused projections and the
+allow 15%; with checkpointing and fused AdamW within 5%, the backward's moments counting the gradients
+already made), and within 3% of torch.cuda.max_memory_allocated on an H200 (measured before the fused projections and the
 hand-written loss; not re-measured since).
 """
 
@@ -65,7 +68,14 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from llmtrain.measure.shapes import Lengths, all_block_parameters, largest_block_parameters, parameter_count
+from llmtrain.measure.shapes import (
+    Lengths,
+    all_block_parameters,
+    block_parameters,
+    head_parameters,
+    largest_block_parameters,
+    parameter_count,
+)
 from llmtrain.models.config import GATED_MLPS, ModelConfig
 from llmtrain.models.heads import CPU_LOSS_CHUNK, GPU_LOSS_CHUNK
 
@@ -298,13 +308,23 @@ class Activations:
     """Saved for backward at the end of the forward pass (blocks or their inputs, norms, head input, loss)."""
     loss_gradients: float
     """The logits' gradient (and in 16 bit its fp32 chunk) that exists at the start of the backward pass."""
-    recompute_peak: float = 0.0
-    """Inside a block's backward: with checkpointing the block inputs plus one block rebuilt and its
-    gradients; without, every block's activations plus the gradients inside the first block reached."""
+    in_blocks: tuple[tuple[float, float], ...] = ()
+    """Moments inside the blocks' backward, as (activation bytes, share of the parameters whose gradient
+    exists by then): the first and last block of each stack, in backward order. With checkpointing, the
+    inputs of the blocks not yet reached plus one block rebuilt and the gradients inside it; without, the
+    activations of the blocks not yet reached plus those gradients. The parameter gradients made so far (the
+    head's, the blocks' already done) grow as the activations shrink."""
 
     @property
-    def peak(self) -> float:
-        return max(self.saved + self.loss_gradients, self.recompute_peak)
+    def recompute_peak(self) -> float:
+        """The most activation bytes inside the blocks' backward."""
+        return max((act for act, _ in self.in_blocks), default=0.0)
+
+    def peak(self, grads: float = 0.0, copies: float = 0.0) -> float:
+        """The most bytes at once: activations, the share of `grads` made by then, and the rest of the weight
+        `copies` that the backward frees as it makes those gradients."""
+        moments = [(self.saved + self.loss_gradients, 0.0), *self.in_blocks]
+        return max(act + share * grads + (1 - share) * copies for act, share in moments)
 
 
 def activation_bytes(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup: Setup) -> Activations:
@@ -313,14 +333,7 @@ def activation_bytes(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup
     stacks = [(cfg.n_layers, lengths.inputs, 0)]  # (layers, tokens, cross-attention length)
     if cfg.family == "encoder_decoder":
         stacks.append((cfg.decoder_layers, lengths.targets, lengths.inputs))
-    blocks = rebuilt = checkpoints = extras = inside = 0.0
-    for n_layers, tokens, kv_len in stacks:
-        block = _block_bytes(cfg, p, tokens, kv_len)
-        blocks += n_layers * block
-        inside = _block_gradient_bytes(cfg, p, tokens)  # the last stack's last block is reached first
-        rebuilt = max(rebuilt, block + inside)
-        checkpoints += n_layers * tokens * p.residual * cfg.d_model
-        extras += _stack_extras(cfg, p, tokens)
+    extras = sum(_stack_extras(cfg, p, tokens) for _, tokens, _ in stacks)
     if cfg.family == "encoder_decoder" and not p.autocast:
         extras += lengths.inputs * p.activation * cfg.d_model  # the encoder output, read by every k/v
     head = lengths.predicted * _head_bytes(cfg, p)
@@ -328,12 +341,30 @@ def activation_bytes(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup
     # the logits' gradient, and in 16 bit the fp32 chunk it is computed in
     chunk = CPU_LOSS_CHUNK if setup.device == "cpu" else GPU_LOSS_CHUNK
     loss_gradients = logits * p.activation + (FP32 * min(logits, chunk) if p.activation < FP32 else 0)
-    if not setup.activation_checkpointing:
-        return Activations(
-            micro_batch * (blocks + extras + head), loss_gradients, micro_batch * (blocks + extras + inside)
-        )
+    kept = []  # per stack: what one block keeps for backward, and what its backward adds
+    for n_layers, tokens, kv_len in stacks:
+        block = _block_bytes(cfg, p, tokens, kv_len)
+        inside = _block_gradient_bytes(cfg, p, tokens)
+        if setup.activation_checkpointing:
+            kept.append((n_layers, tokens * p.residual * cfg.d_model, block + inside, kv_len > 0))
+        else:
+            kept.append((n_layers, block, inside, kv_len > 0))
+    saved = sum(n * per_block for n, per_block, _, _ in kept)
+    n_params = parameter_count(cfg)
+    # the head's gradient comes first (a tied weight's: V x d, its embedding half added at the very end)
+    made = head_parameters(cfg) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    moments = []
+    for n_layers, per_block, added, cross in reversed(kept):  # backward: the last stack's last block first
+        params = block_parameters(cfg, cross)
+        first = (saved + added, made)
+        last = (saved - (n_layers - 1) * per_block + added, made + (n_layers - 1) * params)
+        moments += [
+            (micro_batch * (act + extras), min(share, n_params) / n_params) for act, share in (first, last)
+        ]
+        saved -= n_layers * per_block
+        made += n_layers * params
     return Activations(
-        micro_batch * (checkpoints + extras + head), loss_gradients, micro_batch * (checkpoints + rebuilt)
+        micro_batch * (extras + head + sum(n * b for n, b, _, _ in kept)), loss_gradients, tuple(moments)
     )
 
 
@@ -348,6 +379,8 @@ class MemoryEstimate:
     step_temporaries: float
     """foreach AdamW's sqrt(v) buffer (none for fused AdamW, or when the optimizer runs on the host)."""
     grads_during_backward: bool
+    copies_freed_in_backward: bool = False
+    """The copies are autocast's (freed as the backward passes the ops that saved them), not FSDP's units."""
     tied_gradients: float = 0.0
     """A tied embedding's last moment in backward: its head gradient, its embedding gradient and their sum
     (two V x d fp32 matrices beyond the one counted with the gradients), after every other gradient."""
@@ -359,8 +392,12 @@ class MemoryEstimate:
     @property
     def backward_peak(self) -> float:
         s = self.states
-        grads = s.grads if self.grads_during_backward else 0.0
-        return s.weights + s.master + s.optimizer + grads + self.compute_copies + self.activations.peak
+        # autocast's 16-bit copies are saved by the ops that read them and freed by their backward
+        freed = self.compute_copies if self.copies_freed_in_backward else 0.0
+        fixed = s.weights + s.master + s.optimizer + self.compute_copies - freed
+        if self.grads_during_backward:  # accumulating: every gradient exists throughout
+            return fixed + s.grads + self.activations.peak(copies=freed)
+        return fixed + self.activations.peak(s.grads, freed)
 
     @property
     def optimizer_peak(self) -> float:
@@ -383,7 +420,8 @@ class MemoryEstimate:
         return parts
 
 
-def _compute_copies(cfg: ModelConfig, n_params: int, setup: Setup, shards: int) -> float:
+def _compute_copies(cfg: ModelConfig, n_params: int, setup: Setup, shards: int) -> tuple[float, bool]:
+    """Bytes of 16-bit (or gathered) weight copies, and whether they are autocast's (not FSDP's units)."""
     p = precision_of(setup.precision)
     sharded = sharded_states(setup)
     gathered = p.compute_copy or p.weights  # FSDP gathers in the compute dtype (fp32 runs gather fp32)
@@ -391,13 +429,13 @@ def _compute_copies(cfg: ModelConfig, n_params: int, setup: Setup, shards: int) 
     fsdp = "weights" in sharded and (shards > 1 or setup.cpu_offload or setup.strategy != "hybrid")
     keeps_all = setup.strategy == "zero2" or (setup.strategy == "hybrid" and not setup.reshard_after_forward)
     if fsdp and keeps_all:  # no resharding after forward: all of it, from forward to backward
-        return n_params * gathered
+        return n_params * gathered, False
     if fsdp:  # the root unit (embeddings, head) + the current block + the prefetched one
         root = n_params - all_block_parameters(cfg)
-        return (root + 2 * largest_block_parameters(cfg)) * gathered
+        return (root + 2 * largest_block_parameters(cfg)) * gathered, False
     if shards > 1 and "grads" in sharded:  # ZeRO-2: the replicated weights are what compute reads
-        return 0.0
-    return n_params * p.compute_copy
+        return 0.0, False
+    return n_params * p.compute_copy, p.compute_copy > 0
 
 
 def estimate_memory(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup: Setup) -> MemoryEstimate:
@@ -411,9 +449,11 @@ def estimate_memory(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup:
     step_temporaries = 0.0
     if setup.optimizer == "foreach" and not setup.cpu_offload:
         step_temporaries = n_params * FP32 / optimizer_shards
+    copies, autocast_cache = _compute_copies(cfg, n_params, setup, shards)
     return MemoryEstimate(
         states=states,
-        compute_copies=_compute_copies(cfg, n_params, setup, shards),
+        compute_copies=copies,
+        copies_freed_in_backward=autocast_cache,
         activations=activation_bytes(cfg, lengths, micro_batch, setup),
         step_temporaries=step_temporaries,
         grads_during_backward=setup.grad_accum_steps > 1,

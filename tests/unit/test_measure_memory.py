@@ -121,7 +121,7 @@ def test_fsdp_root_unit_is_what_the_blocks_leave():
         largest = max(sum(p.numel() for p in b.parameters()) for layers in block_lists(model) for b in layers)
         assert largest == largest_block_parameters(cfg)
         setup = Setup(precision="fp32", strategy="zero3", world_size=8)
-        assert _compute_copies(cfg, parameter_count(cfg), setup, 8) == (root + 2 * largest) * 4, cfg
+        assert _compute_copies(cfg, parameter_count(cfg), setup, 8)[0] == (root + 2 * largest) * 4, cfg
 
 
 def test_zero2_runs_as_fsdp_without_resharding_under_llmtrains_precisions():
@@ -210,7 +210,9 @@ def test_checkpointing_cuts_activations_and_lets_larger_batches_fit():
     cfg = ModelConfig(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, max_seq_len=2048)
     lengths = Lengths(2048, predicted=2048, corpus=2048)
     plain, ckpt = Setup(precision="bf16"), Setup(precision="bf16", activation_checkpointing=True)
-    assert activation_bytes(cfg, lengths, 4, ckpt).peak < 0.3 * activation_bytes(cfg, lengths, 4, plain).peak
+    assert (
+        activation_bytes(cfg, lengths, 4, ckpt).peak() < 0.3 * activation_bytes(cfg, lengths, 4, plain).peak()
+    )
     h100 = 0.9 * 79.6 * 2**30
     assert max_micro_batch(cfg, lengths, ckpt, h100) > 3 * max_micro_batch(cfg, lengths, plain, h100)
 
@@ -358,6 +360,32 @@ def test_the_trainers_fused_adamw_with_a_large_tied_vocabulary_is_estimated(
     setup = Setup(precision=precision, optimizer="fused", device="cpu")
     estimated = estimate_memory(cfg, Lengths(128, 0, predicted, 128), batch, setup).peak
     assert estimated == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.parametrize(
+    "family,overrides,precision",
+    [
+        ("decoder", {}, "fp32"),
+        ("decoder", {"d_model": 256, "n_layers": 4}, "fp32"),
+        ("encoder_decoder", {"mlp": "gelu"}, "fp32"),
+        ("encoder_decoder", T5, "bf16"),
+    ],
+)
+def test_a_checkpointed_backward_holds_the_gradients_already_made(family, overrides, precision):
+    """With checkpointing the step peaks late in the backward: few block inputs are left, but the head's and
+    the later blocks' gradients exist, and autocast's 16-bit copies of those blocks are gone. Leaving the
+    gradients out put the estimate at 0.89-0.93 of the measured peak on these shapes."""
+    pytest.importorskip("torch.distributed._tools.mem_tracker")
+    torch.manual_seed(0)
+    sizes = {k: overrides[k] for k in ("d_model", "n_layers") if k in overrides}
+    cfg = replace(tiny(family, **{k: v for k, v in overrides.items() if k not in sizes}), **sizes)
+    model = build_model(cfg)
+    checkpoint_blocks(model)
+    args, labels, lengths = make_batch(family, batch=8, length=32, enc_length=48)
+    measured = measured_step_peak(model, args, labels, precision, fused=True)
+    setup = Setup(precision=precision, activation_checkpointing=True, optimizer="fused", device="cpu")
+    estimated = estimate_memory(cfg, lengths, 8, setup).peak
+    assert estimated == pytest.approx(measured, rel=0.06)
 
 
 def test_measured_peak_on_cpu_is_the_resident_set():
