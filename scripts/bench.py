@@ -90,6 +90,8 @@ class Result:
     mfu_measured_peak: float
     mfu_datasheet: float | None
     peak_memory_gib: float
+    """CUDA: this row's peak allocated tensor memory. CPU: the process's peak resident set so far, which cannot
+    be reset, so it includes the rows before (and the matmul probes); --track-memory gives this row's tensors."""
     data_wait_fraction: float
     """Share of the step the training thread spent blocked waiting for the prefetched batch."""
     activation_checkpointing: bool = False
@@ -288,9 +290,15 @@ def destroying_groups(run: Callable[[], None]) -> None:
 
 
 def benchmark(args: argparse.Namespace) -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # under torchrun each rank probes its own GPU (the Trainer selects it later: the probes ran on GPU 0)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+    if device is not None:
+        torch.cuda.set_device(device)
+    device = device or torch.device("cpu")
     peaks = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "fp32": measure_matmul_peak(torch.float32, device),
         "bf16": measure_matmul_peak(torch.bfloat16, device),
     }
@@ -314,7 +322,7 @@ def benchmark(args: argparse.Namespace) -> None:
                     f"{r.shape:14s} {r.precision:5s} compile={r.compile!s:5s} {r.parallel:6s} {r.params_m:7.1f}M "
                     f"b={r.micro_batch:<3d} {r.step_ms:9.1f} ms {r.tokens_per_s:10.0f} tok/s {r.tflops:8.3f} TFLOP/s "
                     f"MFU(measured) {r.mfu_measured_peak:6.1%} MFU(datasheet) {sheet} "
-                    f"mem {r.peak_memory_gib:6.2f} GiB data {r.data_wait_fraction:5.1%} ac={r.activation_checkpointing!s:5s} "
+                    f"{'mem' if device.type == 'cuda' else 'max RSS so far'} {r.peak_memory_gib:6.2f} GiB data {r.data_wait_fraction:5.1%} ac={r.activation_checkpointing!s:5s} "
                     f"estimated peak {r.estimated_peak_gib:.3f} GiB"
                     + (
                         f" tracked peak {r.tracked_peak_gib:.3f} GiB"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from llmtrain.config import TrainConfig
 from llmtrain.models.config import GATED_MLPS, ModelConfig
-from llmtrain.objectives import compute_input_and_target_lengths
+from llmtrain.objectives.span_corruption import span_windows
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,8 @@ def lengths_for(cfg: TrainConfig) -> Lengths:
     if objective.name == "mlm":
         return Lengths(inputs=seq_len, predicted=objective.select_rate * seq_len, corpus=seq_len)
     if objective.name == "span_corruption":
-        raw, targets = compute_input_and_target_lengths(
-            seq_len, objective.noise_density, objective.mean_noise_span_length
-        )
+        # what the objective lays out (the length search's estimate can be one token longer)
+        raw, targets, _ = span_windows(cfg)
         targets = objective.targets_length or targets
         return Lengths(inputs=seq_len, targets=targets, predicted=targets, corpus=raw)
     return Lengths(inputs=seq_len, predicted=seq_len, corpus=seq_len)

@@ -68,7 +68,8 @@ class ModelConfig:
     lm_head_bias: bool = False
     """A bias on the output projection (BERT)."""
     init_std: float = 0.02
-    """Std of normal init; residual output projections get init_std / sqrt(2 * depth)."""
+    """Std of normal init; residual output projections get init_std / sqrt(2 * depth) (depth: the blocks, of
+    both stacks in an encoder-decoder)."""
     pad_token_id: int = 0
     """Filled in from the tokenizer."""
     decoder_start_token_id: int = 0

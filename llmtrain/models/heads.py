@@ -155,7 +155,8 @@ class LanguageModel(nn.Module):
 
     @property
     def n_residual_layers(self) -> int:
-        """Blocks that add to one residual stream (for the 1/sqrt(2*depth) output-projection scaling)."""
+        """The depth of the 1/sqrt(2*depth) output-projection scaling: the blocks of the residual stream (an
+        encoder-decoder counts the blocks of both stacks, as one depth for every projection)."""
         return self.cfg.n_layers
 
     def tie_weights(self) -> None:

@@ -56,11 +56,12 @@ class MaskedLM:
         """windows (B, T) -> input_ids with corruptions, labels = original token at selected positions else
         -100, and label_positions = the flat indices of the selected positions (so the model's head needs no
         host sync to find them)."""
-        shape = windows.shape
-        # the generator's stream, in this order: selection, what a selected token becomes, random ids
-        u = torch.rand(shape, generator=generator).numpy()
-        v = torch.rand(shape, generator=generator).numpy()
-        random_ids = self._ordinary[torch.randint(len(self._ordinary), shape, generator=generator).numpy()]
+        # the generator's stream, window by window: selection, what a selected token becomes, its random id;
+        # so a window's masks do not depend on how windows are split into micro-batches (8 x 1 = 4 x 2)
+        draws = torch.rand((windows.shape[0], 3, windows.shape[1]), generator=generator).numpy()
+        u, v = draws[:, 0], draws[:, 1]
+        n = len(self._ordinary)
+        random_ids = self._ordinary[np.minimum((draws[:, 2] * n).astype(np.int64), n - 1)]
         tokens = windows.numpy()
         selected = (u < self.select_rate) & ~np.take(self._is_special, tokens, mode="clip")
         to_mask = selected & (v < self.mask_rate)

@@ -51,3 +51,16 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig, step: int) -> None:
+    """This run's settings over a resumed optimizer's: its param_groups (learning rate, decay, betas, eps) and
+    the scheduler's base rates come back with the checkpoint. Sets the rate `step` trains at by the
+    scheduler's own schedule (its max_steps), as a run started with these settings would have it."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    lr = cfg.lr * scheduler.lr_lambdas[0](step)
+    for group, decay in zip(
+        optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True
+    ):  # param_groups' order
+        group.update(lr=lr, initial_lr=cfg.lr, weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    scheduler._last_lr = [lr] * len(optimizer.param_groups)

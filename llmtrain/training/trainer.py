@@ -45,7 +45,7 @@ from llmtrain.training.checkpoint import (
     save_checkpoint,
 )
 from llmtrain.training.guards import NonFiniteGuard, SpikeDetector, StopRequest
-from llmtrain.training.optim import build_optimizer, build_scheduler
+from llmtrain.training.optim import apply_settings, build_optimizer, build_scheduler
 
 log = logging.getLogger("llmtrain")
 LN2 = math.log(2)
@@ -373,6 +373,11 @@ class Trainer:
             and all(p.device == self.device for p in self.model.parameters())
         )
         self.spikes = SpikeDetector(t.spike_factor)
+        self.flops_spent = 0.0  # by the steps so far, at each one's own shape (a resume may change it)
+        # the training losses since the last log (summed on the device) and their count: a resume continues
+        # the window, so the next record averages the same steps as an uninterrupted run's
+        self.window_loss = torch.zeros((), device=self.device)
+        self.window_steps = 0
 
         self.run_dir = Path(cfg.output_dir) / cfg.run_name
         resolved_config = resolved_config or dataclasses.asdict(cfg)
@@ -595,6 +600,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        self.flops_spent += self.flops_per_step
         return total
 
     # -- checkpoints ----------------------------------------------------------------------------------------
@@ -644,6 +650,15 @@ class Trainer:
             "tokenizer": self.corpus.tokenizer.digest(),  # the ids the weights learned
             "world_size": self.dist.world_size,
             "skipped": self.guard.skipped,  # non-finite updates skipped so far, against trainer.max_skips
+            "optim": dataclasses.asdict(self.cfg.optim),  # what a resume with other settings names
+            "max_steps": self.cfg.trainer.max_steps,
+            "flops_spent": self.flops_spent,
+            # the ranks' mean loss summed over the steps since the last log (a collective: every rank saves)
+            "loss_window": [
+                float(all_reduce_sum(self.window_loss.clone()) / self.dist.world_size),
+                self.window_steps,
+            ],
+            "spike_mean": self.spikes.mean,
         }
 
     def rank_state(self) -> dict[str, Any]:
@@ -713,11 +728,16 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.scheduler.load_state_dict(state["scheduler"])
+        self._continue_schedule(state)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.checkpointed_step = self.step
         self.guard.skipped = state.get("skipped", 0)
+        if "loss_window" in state:  # checkpoints from before the eleventh session start a new window
+            self.window_loss.fill_(state["loss_window"][0])
+            self.window_steps = state["loss_window"][1]
+            self.spikes.mean = state["spike_mean"]
         self.train_loader.load_state_dict(state["loader"])
         rng = read_rank_state(path, self.dist.rank)
         if rng is not None and state["world_size"] == self.dist.world_size:
@@ -740,6 +760,37 @@ class Trainer:
                 self.step,
             )
         return True
+
+    def _continue_schedule(self, state: dict[str, Any]) -> None:
+        """This run's optimizer settings and schedule from the checkpoint's step on, naming what changed: the
+        checkpoint's param_groups would otherwise keep its learning rate, decay, betas and eps while the
+        schedule's shape followed the new settings. A compute budget counts the FLOPs spent before (at the
+        shape they were spent at), so a resume with another micro-batch or world size still spends it."""
+        t, step = self.cfg.trainer, state["step"]
+        spent = self.flops_spent = state.get("flops_spent", step * self.flops_per_step)
+        if t.max_flops:
+            if abs(spent - step * self.flops_per_step) > 1e-9 * spent:  # another shape than before
+                t.max_steps = step + max(0, int((t.max_flops - spent) // self.flops_per_step))
+                self.log(
+                    "trainer.max_flops=%.3g: %.3g spent, %d steps in all", t.max_flops, spent, t.max_steps
+                )
+                self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, t.max_steps)
+                self.scheduler.load_state_dict(state["scheduler"])
+        before = self.optimizer.param_groups[0]["lr"]
+        apply_settings(self.optimizer, self.scheduler, self.cfg.optim, step)
+        saved, now = state.get("optim", {}), dataclasses.asdict(self.cfg.optim)
+        changed = [f"optim.{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+        if state.get("max_steps", t.max_steps) != t.max_steps:
+            changed.append(f"trainer.max_steps: {state['max_steps']} -> {t.max_steps}")
+        if changed:
+            log.warning(
+                "resuming with other settings than the checkpoint's (%s): this run's apply from step %d, "
+                "whose learning rate is %.4g (the checkpoint's schedule: %.4g)",
+                ", ".join(changed),
+                step,
+                self.optimizer.param_groups[0]["lr"],
+                before,
+            )
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -810,7 +861,11 @@ class Trainer:
         self.write_metrics({"step": self.step, **final})
         self.log_evaluation(final)
         result.update(
-            final, train_seconds=time.perf_counter() - start, steps=self.step, tokens=self.tokens_seen
+            final,
+            train_seconds=time.perf_counter() - start,
+            steps=self.step,
+            tokens=self.tokens_seen,
+            flops=self.flops_spent,  # training FLOPs of all ranks (from the shapes; 6ND is near it)
         )
         result["state_bytes_rank0"] = self.state_bytes()
         if t.sample_tokens:  # every rank runs it (FSDP forwards are collective); rank 0 prints
@@ -823,25 +878,25 @@ class Trainer:
     def _loop(self, stop: StopRequest, progress) -> str | None:
         """Train to max_steps; returns why it stopped early (a signal, the time limit), or None."""
         t = self.cfg.trainer
-        window_loss = torch.zeros((), device=self.device)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, timed_steps = time.perf_counter(), 0  # throughput: the steps of this process only
         while self.step < t.max_steps:
-            window_loss += self.train_step()
-            window_steps += 1
+            self.window_loss += self.train_step()
+            self.window_steps += 1
+            timed_steps += 1
             if progress:
                 progress.update(1)
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 self.guard.check()  # the non-finite verdicts of the steps since the last check
                 elapsed = time.perf_counter() - window_start
-                mean_loss = all_reduce_sum(window_loss / window_steps) / self.dist.world_size
+                mean_loss = all_reduce_sum(self.window_loss / self.window_steps) / self.dist.world_size
                 record = {
                     "step": self.step,
                     "loss": mean_loss.item(),  # the host sync of the loop, at log intervals only
                     "lr": self.lr,
                     "grad_norm": float(self.grad_norm),
                     "tokens": self.tokens_seen,
-                    "tokens_per_s": window_steps * self.tokens_per_step / elapsed,
-                    "tflops_per_device": window_steps
+                    "tokens_per_s": timed_steps * self.tokens_per_step / elapsed,
+                    "tflops_per_device": timed_steps
                     * self.flops_per_step
                     / elapsed
                     / self.dist.world_size
@@ -873,8 +928,9 @@ class Trainer:
                         self.step, record["loss"], record["tokens_per_s"], record["tflops_per_device"],
                         100 * record["mfu"], record["peak_memory_gib"],
                     )  # fmt: skip
-                window_loss.zero_()
-                window_start, window_steps = time.perf_counter(), 0
+                self.window_loss.zero_()
+                self.window_steps = 0
+                window_start, timed_steps = time.perf_counter(), 0
             # evaluation and checkpoints are not training: off the window's clock, once the queued steps are done
             evaluate = self.evaluates_at(self.step)
             save = (

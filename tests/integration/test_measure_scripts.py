@@ -199,3 +199,29 @@ def test_bench_published_shapes_are_the_presets_they_are_named_after():
         True,
     )
     assert (t5.position, t5.mlp, t5.tie_embeddings) == ("relative", "geglu", False)
+
+
+def test_bench_probes_the_matmul_peak_on_this_ranks_gpu(monkeypatch):
+    """Under torchrun every rank probed torch's current device, GPU 0 until the Trainer selects the rank's own:
+    eight ranks timing one GPU at once made its peak low and MFU(measured) high. CUDA is stood in for."""
+    bench = bench_script()
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    selected, probed = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    monkeypatch.setattr(
+        bench, "measure_matmul_peak", lambda dtype, device, *a, **k: probed.append(device) or 1e15
+    )
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(bench, "bench", stop)
+    with pytest.raises(Stop):
+        bench.benchmark(bench.parse_args(["--shapes", "gpt2_124m"]))
+    assert selected == [torch.device("cuda", 3)] and probed == [torch.device("cuda", 3)] * 2

@@ -125,6 +125,73 @@ def test_a_resumed_run_logs_each_step_once(tiny_config):
     assert [r[:2] for r in records(again)] == [r[:2] for r in records(straight)]
 
 
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def test_a_resume_with_other_optimizer_settings_trains_with_them(tiny_config, caplog):
+    """The checkpoint's param_groups kept its learning rate, decay, betas and eps while the schedule's shape
+    followed the new settings, and a raised max_steps trained one step at the old schedule's last rate. The
+    resumed steps now follow this run's settings, as a run started with them does, and the change is named."""
+    base = ("trainer.sample_tokens=0", "trainer.log_interval=1", "optim.warmup_steps=2")
+    new = (
+        "trainer.max_steps=8",
+        "optim.lr=1e-3",
+        "optim.weight_decay=0",
+        "optim.beta2=0.99",
+        "optim.eps=1e-6",
+    )
+    straight = Trainer(tiny_config("decoder", *base, *new, "run_name=straight"))
+    straight.fit()
+    Trainer(tiny_config("decoder", *base, "trainer.max_steps=4", "run_name=changed")).fit()
+    with caplog.at_level("WARNING", logger="llmtrain"):
+        resumed = Trainer(tiny_config("decoder", *base, *new, "run_name=changed"))
+    assert resumed.step == 4
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    for named in ("optim.lr: 0.003 -> 0.001", "optim.weight_decay: 0.1 -> 0", "trainer.max_steps: 4 -> 8"):
+        assert named in warning, warning
+    resumed.fit()
+    after = {s: lr for s, lr in logged(resumed.run_dir, "lr").items() if s > 4}
+    assert after == pytest.approx({s: logged(straight.run_dir, "lr")[s] for s in range(5, 9)}, rel=1e-9)
+    for group in resumed.optimizer.param_groups:
+        assert (group["weight_decay"], group["betas"], group["eps"]) == (0.0, (0.9, 0.99), 1e-6)
+
+
+def test_a_resume_between_logs_continues_the_loss_window(tiny_config):
+    """A checkpoint between two logs: the next record averages the same steps as the uninterrupted run's (it
+    averaged only the steps since the resume), and the spike detector keeps its running mean."""
+    import shutil
+
+    steps = ("trainer.max_steps=8", "trainer.sample_tokens=0", "trainer.log_interval=4")
+    steps += ("trainer.checkpoint_interval=3",)
+    straight = Trainer(tiny_config("decoder", *steps, "run_name=straight"))
+    straight.fit()
+    stopped = Trainer(tiny_config("decoder", *steps, "run_name=stopped"))
+    stopped.fit()
+    shutil.rmtree(stopped.run_dir / "step-0000008")  # killed after step 8's log, before its save
+    resumed = Trainer(tiny_config("decoder", *steps, "run_name=stopped"))
+    assert (resumed.step, resumed.window_steps) == (6, 2)
+    resumed.fit()
+    assert step_losses(resumed.run_dir) == pytest.approx(step_losses(straight.run_dir), abs=1e-6)
+    assert resumed.spikes.mean == pytest.approx(straight.spikes.mean, abs=1e-6)
+
+
+def test_a_flop_budget_resumed_at_another_micro_batch_spends_what_is_left(tiny_config):
+    """trainer.max_flops counted the steps from the new shape alone: 4 steps at micro-batch 4, resumed at 8,
+    took max_flops // (the new step) steps in all, 81% of the budget in the review. The FLOPs spent are kept."""
+    small = Trainer(tiny_config("decoder", "trainer.micro_batch_size=4", "run_name=probe"))
+    budget = 12.5 * small.flops_per_step  # 12 steps at micro-batch 4
+    first = Trainer(tiny_config("decoder", "trainer.micro_batch_size=4", f"trainer.max_flops={budget}"))
+    assert first.cfg.trainer.max_steps == 12
+    first.cfg.trainer.max_steps = 4  # stopped early (the schedule still spans 12)
+    first.fit()
+    resumed = Trainer(tiny_config("decoder", "trainer.micro_batch_size=8", f"trainer.max_flops={budget}"))
+    assert resumed.step == 4 and resumed.cfg.trainer.max_steps == 4 + 4  # 8.5 small steps left: 4 large
+    result = resumed.fit()
+    assert result["steps"] == 8 and result["flops"] == pytest.approx(12 * small.flops_per_step, rel=1e-12)
+
+
 def test_an_encoder_decoder_samples_within_its_decoder_positions(tiny_config):
     """The end-of-run sample decodes at most the trained target length, so a decoder whose position table is
     shorter than the sample length asked for (64) still ends its run with result.json."""

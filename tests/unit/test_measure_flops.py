@@ -174,3 +174,19 @@ def test_matmul_probe_on_gpu_is_below_the_table_peak():
     name = torch.cuda.get_device_name()
     print(f"{name}: bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     assert 100e12 < rate < 1000e12
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "density", "mean_span"), [(512, 0.15, 3.0), (512, 0.5, 1.0), (32, 0.5, 8.0)]
+)
+def test_span_corruption_lengths_are_the_objectives(seq_len, density, mean_span):
+    """FLOPs, the memory estimate and the planner read the decoder length the objective makes: at density 0.5
+    the length search's estimate is one token longer than what SpanCorruption lays out."""
+    from llmtrain.objectives import SpanCorruption
+
+    cfg = TrainConfig()
+    cfg.objective.name, cfg.data.seq_len = "span_corruption", seq_len
+    cfg.objective.noise_density, cfg.objective.mean_noise_span_length = density, mean_span
+    objective = SpanCorruption(seq_len, list(range(5, 2000)), 2, 0, 0, density, mean_span)
+    assert lengths_for(cfg).targets == objective.target_length
+    assert lengths_for(cfg).corpus == objective.raw_length

@@ -490,14 +490,27 @@ def test_span_corruption_equals_the_per_window_reference(length, kwargs):
     assert torch.equal(batch["input_ids"], inputs) and torch.equal(batch["labels"], labels)
 
 
+def test_masked_lm_masks_a_window_alike_whatever_the_micro_batch():
+    """8 windows at once or 4 + 4 from the same generator: the same masks (gradient accumulation then trains
+    what one larger micro-batch would; the draws were per micro-batch, then per window)."""
+    objective = MaskedLM(seq_len=64, vocab_size=MLM_VOCAB, mask_token_id=MASK, special_token_ids=SPECIAL)
+    windows = torch.randint(0, MLM_VOCAB, (8, 64), generator=torch.Generator().manual_seed(13))
+    whole = objective(windows, torch.Generator().manual_seed(14))
+    g = torch.Generator().manual_seed(14)
+    halves = [objective(windows[:4], g), objective(windows[4:], g)]
+    for key in ("input_ids", "labels"):
+        assert torch.equal(whole[key], torch.cat([h[key] for h in halves]))
+
+
 def test_masked_lm_equals_the_torch_reference():
     objective = MaskedLM(seq_len=64, vocab_size=MLM_VOCAB, mask_token_id=MASK, special_token_ids=SPECIAL)
     windows = torch.randint(0, MLM_VOCAB, (8, 64), generator=torch.Generator().manual_seed(13))
     batch = objective(windows, torch.Generator().manual_seed(14))
     g = torch.Generator().manual_seed(14)
-    u, v = torch.rand(windows.shape, generator=g), torch.rand(windows.shape, generator=g)
+    rows = [torch.rand(3, 64, generator=g) for _ in range(8)]  # window by window: selection, action, id
+    u, v, r = (torch.stack([row[i] for row in rows]) for i in range(3))
     ordinary = torch.tensor([i for i in range(MLM_VOCAB) if i not in SPECIAL])
-    random_ids = ordinary[torch.randint(len(ordinary), windows.shape, generator=g)]
+    random_ids = ordinary[(r * len(ordinary)).long().clamp(max=len(ordinary) - 1)]
     selected = (u < 0.15) & ~torch.isin(windows, torch.tensor(SPECIAL))
     expected = torch.where(
         selected & (v < 0.8), MASK, torch.where(selected & (v >= 0.8) & (v < 0.9), random_ids, windows)
