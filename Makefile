@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU wheel of torch on local disk (PIP_FIND_LINKS) is used when present; otherwise pip resolves the range.
 LOCAL_TORCH := $(firstword $(wildcard $(PIP_FIND_LINKS)/torch-*+cpu-*.whl))
-TORCH_SPEC ?= $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch>=2.5)
+TORCH_SPEC ?= $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch>=2.6)
 PYTEST_ARGS ?=
 
 .PHONY: train test lint format clean help gpu-check bench

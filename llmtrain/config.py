@@ -478,8 +478,15 @@ def validate(cfg: TrainConfig, trains_bpe: bool = True) -> None:
     _one_of("parallel.strategy", p.strategy, ("single", "ddp", "fsdp"))
     if p.strategy == "fsdp":  # under torchrun the world size is known now
         check_shard_size(p.shard_size, int(os.environ.get("WORLD_SIZE", "1")))
-    else:
-        _non_negative("parallel.shard_size", p.shard_size, " (it applies to parallel.strategy=fsdp)")
+    else:  # FSDP's settings under another strategy: a hybrid-sharding line without parallel=fsdp trained DDP
+        for name, value, unset in (
+            ("shard_size", p.shard_size, 0),
+            ("reshard_after_forward", p.reshard_after_forward, None),
+        ):
+            if value != unset:
+                raise ConfigError(
+                    f"parallel.{name}={value} needs parallel.strategy=fsdp, not {p.strategy} (add parallel=fsdp)"
+                )
     if p.zero1 and p.strategy != "ddp":
         raise ConfigError(f"parallel.zero1=true needs parallel.strategy=ddp, not {p.strategy}")
     if p.cpu_offload and p.strategy != "fsdp":

@@ -6,8 +6,11 @@ Under torchrun the same command runs on every rank (the distributed layer slots 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -21,9 +24,38 @@ from llmtrain.training.guards import NonFiniteError
 register_configs()
 
 
+SWEEP_RUNS: dict[Path, int] = {}
+"""Run directory -> the job of this multirun (`-m`; Hydra's launcher runs its jobs in this process) that has it."""
+
+
+def check_hydra_use(dict_cfg: DictConfig) -> None:
+    """Hydra settings that would not do what they say: llmtrain writes output_dir/run_name, not Hydra's run
+    directory, and every job of a sweep must have a run directory of its own (a job that shared one resumed
+    the earlier job's run: it trained nothing, or continued its weights, under its own settings)."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(dict_cfg.output_dir) / dict_cfg.run_name
+    if hydra_cfg.mode == RunMode.RUN and hydra_cfg.run.dir != ".":
+        raise ConfigError(
+            f"hydra.run.dir={hydra_cfg.run.dir} is not used: llmtrain writes each run to output_dir/run_name "
+            f"(here {run_dir}); set output_dir= and run_name= instead"
+        )
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        job = hydra_cfg.job.num
+        earlier = SWEEP_RUNS.setdefault(run_dir.resolve(), job)
+        if earlier != job:
+            raise ConfigError(
+                f"job #{job} of this sweep would write {run_dir}, as job #{earlier} did (it would resume that "
+                "run instead of training its own settings): the swept settings must reach run_name, e.g. "
+                "run_name=lr${optim.lr} (experiment=isoflop_cpu names its runs by the swept sizes)"
+            )
+
+
 def train(dict_cfg: DictConfig) -> int:
     """Train; an expected failure prints one `error:` line and gives the exit code."""
     try:
+        check_hydra_use(dict_cfg)
         resolved = OmegaConf.to_container(dict_cfg, resolve=True)
         cfg = to_dataclass(dict_cfg)
         validate(cfg)

@@ -660,9 +660,9 @@ def architecture_differences(cfg: ModelConfig, other: ModelConfig) -> dict[str, 
     return {k: (a.get(k), b.get(k)) for k in ARCHITECTURE_FIELDS if a.get(k) != b.get(k)}
 
 
-def load_hf_weights(model: nn.Module, folder: str | Path) -> None:
-    """Copy the weights of a Hugging Face folder into model, whose config must have the same architecture."""
-    cfg: ModelConfig = model.cfg
+def check_architecture(cfg: ModelConfig, folder: str | Path, vocabulary: bool = True) -> None:
+    """Refuse a Hugging Face folder whose model is not the one `cfg` builds, naming the settings to change.
+    vocabulary=False leaves vocab_size out (before the tokenizer has set it: a check before any work)."""
     raw = read_hf_config(folder)
     if "model_type" not in raw and {"model", "trainer"} <= raw.keys():  # llmtrain's own run config
         raise UnsupportedArchitecture(
@@ -670,6 +670,8 @@ def load_hf_weights(model: nn.Module, folder: str | Path) -> None:
             f"python scripts/export_hf.py {folder} OUT, then set model.init_from=OUT"
         )
     hf_cfg = model_config_from_hf(raw)
+    if not vocabulary:
+        cfg = replace(cfg, vocab_size=hf_cfg.vocab_size)
     differences = architecture_differences(cfg, hf_cfg)
     if differences:
         # name the settings to change: the primary ones, then any derived one they do not already fix
@@ -690,6 +692,12 @@ def load_hf_weights(model: nn.Module, folder: str | Path) -> None:
             + ")"
             + hint
         )
+
+
+def load_hf_weights(model: nn.Module, folder: str | Path) -> None:
+    """Copy the weights of a Hugging Face folder into model, whose config must have the same architecture."""
+    cfg: ModelConfig = model.cfg
+    check_architecture(cfg, folder)
     state = from_hf_state_dict(read_hf_weights(folder), cfg)
     with torch.no_grad():
         load_model_state(model, state)

@@ -30,9 +30,9 @@ from llmtrain.measure.flops import forward_flops, measure_matmul_peak
 from llmtrain.measure.hardware import accelerator_of_device
 from llmtrain.measure.memory import measured_peak_bytes
 from llmtrain.measure.shapes import lengths_for
-from llmtrain.models import ModelConfig, build_model, count_parameters
+from llmtrain.models import ModelConfig, ModelConfigError, build_model, count_parameters
 from llmtrain.models.heads import IGNORE_INDEX
-from llmtrain.models.hf import architecture_differences
+from llmtrain.models.hf import architecture_differences, check_architecture
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
 from llmtrain.objectives.evaluation import evaluation_batch
 from llmtrain.training.checkpoint import (
@@ -282,6 +282,16 @@ class Trainer:
                 + ("it holds no config.json" if Path(init_from).is_dir() else "no such folder")
                 + "); give a folder with config.json and model.safetensors, as scripts/export_hf.py writes"
             )
+        if (
+            init_from
+        ):  # the architecture before the data is read (tokenizing can take minutes); the vocabulary
+            # follows the tokenizer, checked with the weights
+            try:
+                check_architecture(cfg.model, init_from, vocabulary=False)
+            except ModelConfigError:
+                raise
+            except ValueError as err:  # a config.json that is no JSON object
+                raise ModelConfigError(f"model.init_from={init_from}: {err}") from None
         chosen_tokenizer = self._init_from_tokenizer(cfg)
 
         def read_corpus() -> Corpus:
@@ -387,7 +397,12 @@ class Trainer:
             if self.dist.is_main:
                 MetricsLog.check_wandb(cfg)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.json").write_text(json.dumps(resolved_config, indent=1, default=str))
+                if not (
+                    self.resumed and self.step >= t.max_steps
+                ):  # a finished run keeps what it trained with
+                    (self.run_dir / "config.json").write_text(
+                        json.dumps(resolved_config, indent=1, default=str)
+                    )
                 kept = self.run_dir / "tokenizer.json"  # export, generate and evaluate find it there
                 source = Path(self.corpus.tokenizer_path)
                 if source.is_file() and (not kept.exists() or not kept.samefile(source)):

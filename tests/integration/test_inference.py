@@ -367,6 +367,31 @@ def test_training_continues_from_an_exported_folder(trained_run, corpus_file, ca
     assert (trainer.run_dir / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
 
 
+def test_init_from_another_architecture_is_refused_before_the_data_is_read(
+    trained_run, corpus_file, cache_dir, tmp_path, monkeypatch
+):
+    """The architecture was compared when the model was built, after the corpus was tokenised (minutes on a
+    real corpus): it is now compared first, the vocabulary (which the tokenizer sets) left to that later check."""
+    from llmtrain.models import ModelConfigError
+    from llmtrain.training import trainer as trainer_module
+
+    trainer, _, _ = trained_run
+    folder = tmp_path / "hf"
+    export_hf(trainer.model.state_dict(), trainer.cfg.model, folder, trainer.corpus.tokenizer_path)
+
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data was read before the architecture was checked")
+
+    monkeypatch.setattr(trainer_module, "load_corpus", read_data)
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path / "runs", "gpt2") + [
+        f"model.init_from={folder}",
+        "model.d_model=48",
+        "run_name=wider",
+    ]
+    with pytest.raises(ModelConfigError, match=rf"model.init_from={folder} holds another architecture; set "):
+        Trainer(to_dataclass(compose_config(overrides)))
+
+
 def test_init_from_tokenizer_on_resume_and_when_missing(
     trained_run, corpus_file, cache_dir, tmp_path, caplog
 ):

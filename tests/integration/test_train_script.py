@@ -145,3 +145,33 @@ def test_a_diverging_run_stops_with_one_error_line(corpus_file, cache_dir, tmp_p
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "non-finite loss or gradient norm at step" in lines[0], proc.stderr[-2000:]
+
+
+def test_a_sweep_whose_jobs_share_a_run_name_is_refused(corpus_file, cache_dir, tmp_path):
+    """`-m optim.lr=1e-3,3e-3` with the default run_name: job #1 resumed job #0's finished run, trained nothing,
+    reported its numbers and rewrote its config.json with lr 3e-3. Now refused, naming the fix; a sweep whose
+    run_name carries the swept setting runs every job."""
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path, "decoder") + [
+        "trainer.max_steps=1",
+        "trainer.sample_tokens=0",
+        "trainer.eval_batches=1",
+    ]
+    proc = run_train("-m", *overrides, "optim.lr=1e-3,3e-3")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        f"error: job #1 of this sweep would write {tmp_path / 'decoder-test'}, as job #0 did" in proc.stderr
+    )
+    assert json.loads((tmp_path / "decoder-test" / "config.json").read_text())["optim"]["lr"] == 1e-3
+    proc = run_train("-m", *overrides, "optim.lr=1e-3,3e-3", "run_name=lr${optim.lr}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name for p in tmp_path.glob("lr*")} == {"lr0.001", "lr0.003"}
+
+
+def test_hydra_run_dir_is_refused_naming_where_runs_go(tmp_path):
+    """hydra.run.dir was accepted and ignored: the run went to runs/<run_name>, with no word."""
+    proc = run_train(f"hydra.run.dir={tmp_path / 'elsewhere'}", f"output_dir={tmp_path / 'runs'}")
+    assert proc.returncode == 2
+    assert (
+        f"error: hydra.run.dir={tmp_path / 'elsewhere'} is not used: llmtrain writes each run" in proc.stderr
+    )
+    assert not (tmp_path / "runs").exists()

@@ -158,6 +158,15 @@ def test_a_resume_with_other_optimizer_settings_trains_with_them(tiny_config, ca
         assert (group["weight_decay"], group["betas"], group["eps"]) == (0.0, (0.9, 0.99), 1e-6)
 
 
+def test_a_finished_run_started_again_keeps_the_config_it_trained_with(tiny_config):
+    """Started again with other settings, a finished run trains nothing: its config.json was rewritten with
+    settings its weights never saw."""
+    Trainer(tiny_config("decoder", "trainer.max_steps=2", "trainer.sample_tokens=0", "run_name=done")).fit()
+    again = Trainer(tiny_config("decoder", "trainer.max_steps=2", "optim.lr=1e-2", "run_name=done"))
+    again.fit()
+    assert json.loads((again.run_dir / "config.json").read_text())["optim"]["lr"] == 3e-3
+
+
 def test_a_resume_between_logs_continues_the_loss_window(tiny_config):
     """A checkpoint between two logs: the next record averages the same steps as the uninterrupted run's (it
     averaged only the steps since the resume), and the spike detector keeps its running mean."""
@@ -320,6 +329,12 @@ def test_an_unreadable_train_state_is_refused_naming_the_file(tiny_config):
         ("data.tokenizer.vocab_size=300", "data.tokenizer.vocab_size=300 is too small"),
         ("run_name=..", "run_name='..'"),
         ("parallel.strategy=fsdp", "parallel.shard_size=3 must divide the world size 1"),
+        # FSDP's settings without parallel=fsdp (a hybrid-sharding line trained DDP, silently)
+        ("parallel.shard_size=2", "parallel.shard_size=2 needs parallel.strategy=fsdp, not single"),
+        (
+            "parallel.reshard_after_forward=false",
+            "parallel.reshard_after_forward=False needs parallel.strategy",
+        ),
         ("model.init_std=-1", "model.init_std=-1.0 must be >= 0"),
         ("model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
         ("data.tokenizer.min_frequency=-1", "data.tokenizer.min_frequency=-1"),
