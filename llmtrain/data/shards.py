@@ -28,7 +28,10 @@ Three passes, each restartable; memory does not grow with the corpus:
 
 A restarted run skips staged chunks while reading the stream again (and the stream altogether once dedup.json
 exists), then finishes the chunks without chunk-k.json. The output does not depend on the number of workers.
-A run that fails before any chunk is staged (bad input) removes the folder it created.
+A run that fails before any chunk is staged (bad input) removes the folder it created. A run that ends with
+nothing to make a set of (no document kept, or none in the validation split) removes what it wrote, tokenizer
+included: its settings can never finish that set, and the advised change (data.val_fraction, more data, looser
+curation) makes another one, whose tokenizer is trained on other documents.
 """
 
 from __future__ import annotations
@@ -831,16 +834,20 @@ def _write_manifest(
         report.tokens[split] = splits[split]["tokens"]
         report.documents[split] = splits[split]["documents"]
     summary = report.to_dict()
-    atomic_write_text(folder / "report.json", json.dumps(summary, indent=1))
+    problem = None
     if not report.stages["normalize"].docs_in:
-        raise DataError(f"{_source_name(data)}: no non-empty document found")
-    if not splits["train"]["documents"]:
-        raise DataError(_nothing_left(report, "train"))
-    if not splits["val"]["documents"]:
-        raise DataError(
+        problem = f"{_source_name(data)}: no non-empty document found"
+    elif not splits["train"]["documents"]:
+        problem = _nothing_left(report, "train")
+    elif not splits["val"]["documents"]:
+        problem = (
             f"{_source_name(data)}: no document of the {splits['train']['documents']} kept fell in the validation "
             f"split (data.val_fraction={data.val_fraction}); raise data.val_fraction or add data"
         )
+    if problem:
+        _discard_unfinishable(folder, data)
+        raise DataError(problem)
+    atomic_write_text(folder / "report.json", json.dumps(summary, indent=1))
     manifest = {
         "format": FORMAT,
         "settings": settings,
@@ -859,6 +866,27 @@ def _write_manifest(
     }
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
+
+
+def _discard_unfinishable(folder: Path, data: DataConfig) -> None:
+    """Remove a set that these settings can never finish (the same run ends with the same error): otherwise its
+    chunk records, made with the settings the error advises to change, would refuse the next run. The tokenizer
+    goes too (it was trained on this source, curation and split), unless it is the file data.tokenizer.path
+    names. Only the set's own files are removed; the folder itself goes in prepare_shards if this run made it."""
+    own = folder / "tokenizer.json"
+    given = bool(data.tokenizer.path) and Path(data.tokenizer.path).resolve() == own.resolve()
+    log.warning(
+        "prepare: nothing to make a shard set of in %s; removing its chunks, shards%s",
+        folder,
+        "" if given else " and tokenizer",
+    )
+    _remove_working_files(folder)
+    names = ("chunk-*.json", "train-*.bin", "train-*.idx", "val-*.bin", "val-*.idx", "report.json")
+    for path in [p for pattern in names for p in folder.glob(pattern)]:
+        path.unlink()
+    if not given:
+        own.unlink(missing_ok=True)
+        (folder / TOKENIZER_REQUEST).unlink(missing_ok=True)
 
 
 def _source_name(data: DataConfig) -> str:

@@ -401,3 +401,26 @@ def test_an_interrupt_after_the_tokenizer_is_trained_keeps_it(corpus, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(data, prep)
     assert (tmp_path / "new" / "shards" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["trained", "own-tokenizer-given"])
+def test_a_set_that_cannot_finish_is_removed_so_the_advised_setting_works(corpus, tmp_path, given):
+    """No document in the validation split: the error advises a higher data.val_fraction, and the run with it
+    makes the set a fresh run makes (tokenizer included: it is trained on the training split), instead of
+    refusing the chunks left behind as made with other settings. A given tokenizer file is never deleted."""
+    data, out = data_config(corpus, tmp_path / "cache"), tmp_path / "new" / "shards"
+    reference = prepare_shards(data, prep_config(tmp_path / "reference"))
+    if given:  # the folder's own tokenizer, named as data.tokenizer.path
+        out.mkdir(parents=True)
+        own = out / "tokenizer.json"
+        own.write_bytes((tmp_path / "reference" / "tokenizer.json").read_bytes())
+        data = dataclasses.replace(data, tokenizer=TokenizerConfig(path=str(own)))
+    assert not any(is_validation(t, 0.001) for t in CORPUS)
+    with pytest.raises(DataError, match=r"fell in the validation split \(data.val_fraction=0.001\)"):
+        prepare_shards(dataclasses.replace(data, val_fraction=0.001), prep_config(out))
+    if given:
+        assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]
+    else:
+        assert not (tmp_path / "new").exists()  # the folder it created goes too
+    manifest = prepare_shards(data, prep_config(out))
+    assert manifest["splits"] == reference["splits"] and manifest["settings"] == reference["settings"]
