@@ -61,6 +61,12 @@ class Tokenizer:
     def special_ids(self) -> list[int]:
         return [self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id, *self.sentinel_ids]
 
+    @property
+    def spaced_words(self) -> bool:
+        """Whether a word's token carries the space before it (byte-level BPE " dog", Unigram "▁dog"); a
+        WordPiece tokenizer drops the spaces between words (its decoder puts one back between them)."""
+        return not isinstance(self.hf.model, models.WordPiece)
+
     def encode(self, text: str) -> list[int]:
         """A prompt: special-token text in it is that token (`<extra_id_0>` marks a span to fill)."""
         return self.hf.encode(text, add_special_tokens=False).ids

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from tokenizers import processors
 
 from llmtrain.data.tokenizer import BOS, EOS, MASK, PAD, UNK, load_tokenizer, sentinel
 from llmtrain.inference.loading import TOKENIZER_FILE, check_tokenizer_fits, is_hf_folder
@@ -31,6 +32,22 @@ def tokenizer_config(tokenizer_path: Path, max_seq_len: int) -> dict:
         "model_max_length": max_seq_len,
         "clean_up_tokenization_spaces": False,
     }
+
+
+def eos_appending_tokenizer(tokenizer_path: Path) -> str:
+    """The tokenizer.json of a T5 export: the run's, with a post-processor that ends each text with EOS.
+
+    llmtrain's span-corruption inputs (and fill_spans' prompts) end with EOS, as Hugging Face's own T5 tokenizer
+    ends them; without it `AutoTokenizer(text)` would give the model inputs it never saw. llmtrain itself never
+    adds special tokens when encoding, so the export's ids are the run's either way. Decoder and BERT exports
+    copy the run's tokenizer as it is: a decoder's prompt and an MLM window have no marker tokens added.
+    """
+    tok = load_tokenizer(tokenizer_path)  # read from the file: the run's own tokenizer.json stays as it is
+    eos = tok.hf.id_to_token(tok.eos_id)
+    tok.hf.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.eos_id)]
+    )
+    return tok.hf.to_str()
 
 
 class ExportError(ValueError):
@@ -69,7 +86,10 @@ def _write(folder: Path, tensors: dict, cfg: ModelConfig, tokenizer_path, bos: i
     )
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILE)
+        if cfg.family == "encoder_decoder":
+            (folder / TOKENIZER_FILE).write_text(eos_appending_tokenizer(Path(tokenizer_path)))
+        else:
+            shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILE)
         config = tokenizer_config(Path(tokenizer_path), cfg.max_seq_len)
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
         specials = {

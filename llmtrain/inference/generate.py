@@ -202,8 +202,19 @@ def check_sentinels(text: str, n_sentinels: int) -> None:
 
 
 @torch.no_grad()
-def fill_spans(model: nn.Module, tokenizer: Tokenizer, text: str, max_new_tokens: int = 64) -> FilledSpans:
-    """T5 span filling: text with <extra_id_0>, <extra_id_1>, ... markers in, the filled spans out.
+def fill_spans(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    text: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> FilledSpans:
+    """T5 span filling: text with <extra_id_0>, <extra_id_1>, ... markers in, the filled spans out; greedy by
+    default, sampled (generate_seq2seq's temperature, top_k, top_p) for other fills of the same text.
 
     Whitespace right before a marker moves into the span: byte-level BPE words carry their leading space
     (" brown"), so in training a span starts with it and the text before a sentinel never ends in one.
@@ -217,10 +228,47 @@ def fill_spans(model: nn.Module, tokenizer: Tokenizer, text: str, max_new_tokens
     used = [i for i in ids if i in sentinels]
     if not used:
         raise ValueError("the text has no sentinel such as <extra_id_0> to fill")
-    out = greedy_seq2seq(model, torch.tensor([ids], device=device), max_new_tokens, tokenizer.eos_id)
+    out = generate_seq2seq(
+        model,
+        torch.tensor([ids], device=device),
+        max_new_tokens,
+        tokenizer.eos_id,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        use_cache=use_cache,
+    )
     spans = split_spans(out[0].tolist(), tokenizer.sentinel_ids, tokenizer.eos_id)
     filled = [t for token in ids[:-1] for t in (spans.get(token, []) if token in used else [token])]
     return FilledSpans(tokenizer.decode(filled), [tokenizer.decode(spans.get(s, [])) for s in used])
+
+
+def _before_mask(tokenizer: Tokenizer) -> re.Pattern:
+    """The tokenizer's mask marker, with the one space right before it (if any) where a word's token carries
+    its leading space; a WordPiece tokenizer reads no spaces, and its tokens carry none."""
+    marker = re.escape(tokenizer.hf.id_to_token(tokenizer.mask_id))
+    return re.compile(" ?" + marker if tokenizer.spaced_words else marker)
+
+
+def mask_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids fill_mask feeds the encoder: one space right before a <mask> moves into the masked token.
+
+    The objective masks whole tokens, and a byte-level BPE (or Unigram) word carries its leading space (" six"),
+    so in training the text before a <mask> never ends in a space of its own; "five <mask>" would give the
+    model a lone " " token before the mask that it never saw there. Only one space goes: a newline, or a
+    second space, stays a token of its own before the word there too.
+    """
+    marker = tokenizer.hf.id_to_token(tokenizer.mask_id)
+    return tokenizer.encode(_before_mask(tokenizer).sub(marker, text))
+
+
+def fill_in(tokenizer: Tokenizer, text: str, tokens: list[str]) -> str:
+    """text with its k-th <mask>, and the one space before it, replaced by tokens[k] (which carries its own
+    leading space, as fill_mask's candidates do): "five <mask> seven" and " six" give "five six seven". With
+    WordPiece only the marker is replaced ("six" in "five <mask> seven")."""
+    fills = iter(tokens)
+    return _before_mask(tokenizer).sub(lambda _: next(fills), text)
 
 
 @torch.no_grad()
@@ -228,9 +276,10 @@ def fill_mask(
     model: nn.Module, tokenizer: Tokenizer, text: str, top_k: int = 5
 ) -> list[list[tuple[str, float]]]:
     """For each <mask> in text, the top_k (at most the vocabulary) tokens the encoder predicts there with their
-    probabilities."""
+    probabilities. A candidate is the token's text, with its leading space where the tokenizer's words carry
+    one (" six"): it stands for the <mask> and the one space before it (mask_prompt_ids, fill_in)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([tokenizer.encode(text)], device=device)
+    ids = torch.tensor([mask_prompt_ids(tokenizer, text)], device=device)
     check_prompt_length(model, ids.shape[1])
     positions = (ids[0] == tokenizer.mask_id).nonzero().flatten()
     if len(positions) == 0:

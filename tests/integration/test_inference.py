@@ -18,10 +18,17 @@ import pytest
 import torch
 
 from llmtrain.config import to_dataclass
-from llmtrain.data.tokenizer import train_bpe
+from llmtrain.data.tokenizer import train_bpe, train_tokenizer
 from llmtrain.inference.evaluate import evaluate_model
 from llmtrain.inference.export import export_hf
-from llmtrain.inference.generate import choose_next, fill_mask, fill_spans, generate_seq2seq, sample
+from llmtrain.inference.generate import (
+    choose_next,
+    fill_in,
+    fill_mask,
+    fill_spans,
+    generate_seq2seq,
+    sample,
+)
 from llmtrain.inference.loading import CheckpointError, load_trained_model
 from llmtrain.inference.quantize import Int8Linear, quantize_int8, weight_bytes
 from llmtrain.models import ModelConfig, build_model
@@ -262,6 +269,12 @@ def test_fill_mask_top_candidates():
     train_briefly(model, objective, stream, steps=150, lr=3e-3)
     result = fill_mask(model, tok, "three four five<mask> seven eight nine ten one<mask> three four", top_k=3)
     assert [candidates[0][0] for candidates in result] == [" six", " two"]
+    spaced = "three four five <mask> seven eight nine ten one <mask> three four"  # as a user writes it
+    assert fill_mask(model, tok, spaced, top_k=3) == result
+    assert (
+        fill_in(tok, spaced, [" six", " two"])
+        == "three four five six seven eight nine ten one two three four"
+    )
     for candidates in result:
         probs = [p for _, p in candidates]
         assert len(candidates) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
@@ -269,6 +282,36 @@ def test_fill_mask_top_candidates():
         fill_mask(model, tok, "no mask here")
     metrics = evaluate_model(model, objective, stream.numpy(), tok.token_bytes(), 8, 2, seed=0)
     assert metrics["accuracy"] > 0.9 and metrics["targets"] > 50  # on the selected (masked) tokens
+
+
+def test_fill_mask_feeds_a_space_before_the_mask_as_training_did(monkeypatch):
+    """The objective masks whole tokens, and a byte-level BPE word carries its leading space (" six"): the
+    model never saw a lone " " token before a <mask>, so "five <mask>" must reach it as "five<mask>" does.
+    A newline, or a second space, is a token of its own before a word, and stays."""
+    tok = cycle_tokenizer()
+    model = sharp(tiny("encoder", vocab_size=tok.vocab_size))
+    fed = []
+    forward = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda ids, *a, **k: fed.append(ids[0].tolist()) or forward(ids, *a, **k)
+    )
+    assert fill_mask(model, tok, "four five <mask> seven") == fill_mask(model, tok, "four five<mask> seven")
+    assert fed[0] == fed[1] == tok.encode("four five<mask> seven")
+    assert tok.encode("five  six")[-2:] == tok.encode(" ") + tok.encode(" six")  # two spaces: " ", " six"
+    for text, as_trained in [
+        (" <mask> two", "<mask> two"),
+        ("four five  <mask> seven", "four five <mask> seven"),
+        ("four five\n<mask> seven", "four five\n<mask> seven"),
+        ("four five \n<mask> seven", "four five \n<mask> seven"),
+    ]:
+        fed.clear()
+        fill_mask(model, tok, text)
+        assert fed == [tok.encode(as_trained)], text
+    assert fill_in(tok, "four five <mask> seven", [" six"]) == "four five six seven"
+    assert fill_in(tok, "four five<mask> seven <mask>", [" six", " eight"]) == "four five six seven eight"
+    wordpiece = train_tokenizer([CYCLE * 50], "wordpiece", 120, n_sentinels=2)  # spaces are no tokens there
+    assert wordpiece.encode("four five <mask> seven") == wordpiece.encode("four five<mask> seven")
+    assert fill_in(wordpiece, "four five <mask> seven", ["six"]) == "four five six seven"
 
 
 # --- a trained run: scripts, continued pretraining, damaged checkpoints -------------------------------------

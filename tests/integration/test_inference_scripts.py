@@ -19,8 +19,10 @@ from safetensors import SafetensorError
 from llmtrain.config import to_dataclass
 from llmtrain.data.shards import prepare_shards
 from llmtrain.data.tokenizer import load_tokenizer, train_bpe
+from llmtrain.inference import generate as generation
 from llmtrain.inference.export import export_hf
-from llmtrain.inference.loading import CheckpointError, load_trained_model
+from llmtrain.inference.generate import fill_mask
+from llmtrain.inference.loading import CheckpointError, load_trained_model, model_tokenizer
 from llmtrain.training.trainer import Trainer
 from tests.conftest import compose_config, synthetic_documents, tiny_overrides, write_jsonl
 from tests.integration.test_inference import one_thread, script_main
@@ -268,6 +270,66 @@ def test_generate_prompts_the_model_cannot_read(runs, capsys):
     assert f"sentinels are <extra_id_0>, <extra_id_{n - 1}>; {allowed}" in capsys.readouterr().err
     args = ["--prompt", "the <extra_id_0> sees <extra_id_1>", "--max-new-tokens", "4"]
     assert generate([t5, *args]) == 0
+
+
+def test_generate_passes_sampling_to_span_filling_and_refuses_flags_that_do_not_apply(
+    runs, capsys, monkeypatch
+):
+    """The generation flags were silently ignored for an encoder and an encoder-decoder."""
+    generate = script_main("generate.py")
+    encoder, t5 = str(runs["encoder"].run_dir), str(runs["encoder_decoder"].run_dir)
+    allowed = "it neither samples nor generates, so allowed: --top-k only"
+    for flags in (
+        ["--temperature", "0.5", "--seed", "3"],
+        ["--greedy"],
+        ["--top-p", "0.9"],
+        ["--num-samples", "2"],
+        ["--max-new-tokens", "4"],
+        ["--no-stop-at-eos"],
+        ["--no-cache"],
+    ):
+        assert generate([encoder, "--prompt", "the <mask> cat", "--top-k", "3", *flags]) == 2
+        named = ", ".join(f for f in flags if f.startswith("--"))
+        err = capsys.readouterr().err
+        assert f"error: {named}: an encoder shows the k likeliest tokens per <mask> (--top-k)" in err
+        assert allowed in err
+    assert generate([encoder, "--prompt", "the <mask> cat", "--top-k", "3"]) == 0
+    loaded = load_trained_model(encoder)
+    top = fill_mask(loaded.model, model_tokenizer(loaded, None)[1], "the <mask> cat", 1)[0][0][0]
+    assert capsys.readouterr().out.endswith("\nthe" + top + " cat\n")  # the likeliest in place of " <mask>"
+
+    prompt = ["--prompt", "the <extra_id_0> sees", "--max-new-tokens", "6"]
+    assert generate([t5, *prompt, "--no-stop-at-eos"]) == 2
+    assert (
+        "error: --no-stop-at-eos: span filling reads the spans up to the decoder's EOS"
+        in capsys.readouterr().err
+    )
+    assert generate([t5, *prompt, "--top-k", "5", "--top-p", "0.9"]) == 2  # greedy: they would do nothing
+    assert (
+        "error: --top-k, --top-p: span filling is greedy unless --temperature > 0" in capsys.readouterr().err
+    )
+
+    calls, outputs, original = [], [], generation.generate_seq2seq
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        outputs.append(original(*args, **kwargs)[0].tolist())
+        return torch.tensor([outputs[-1]])
+
+    monkeypatch.setattr(generation, "generate_seq2seq", recorded)
+    assert generate([t5, *prompt]) == 0
+    assert calls[0]["temperature"] == 0.0 and calls[0]["use_cache"]  # the default stays greedy
+    capsys.readouterr()
+    sampled = [*prompt, "--temperature", "1.5", "--top-p", "0.95", "--num-samples", "6", "--seed", "5"]
+    assert generate([t5, *sampled, "--top-k", "0", "--no-cache"]) == 0
+    assert len(capsys.readouterr().out.split("-" * 40 + "\n")) == 6  # each sample's spans and text
+    assert len(calls) == 1 + 6 and all(
+        (k["temperature"], k["top_k"], k["top_p"], k["use_cache"]) == (1.5, 0, 0.95, False) for k in calls[1:]
+    )
+    first = outputs[1:]
+    assert len({tuple(o) for o in first}) > 1 and outputs[0] not in first  # sampled, one generator
+    assert generate([t5, *sampled, "--top-k", "0", "--no-cache"]) == 0
+    assert outputs[7:] == first  # the seed gives the same fills
 
 
 # --- 5. a tokenizer larger than the model's vocabulary ----------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import nn
 
 from llmtrain.config import to_dataclass
 from llmtrain.data.tokenizer import load_tokenizer, train_bpe
+from llmtrain.inference import generate
 from llmtrain.inference.export import export_hf
 from llmtrain.models import ModelConfig, ModelConfigError, build_model
 from llmtrain.models.hf import (
@@ -276,7 +277,7 @@ def tokenizer_path(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", list(TINY))
-def test_exported_preset_loads_with_from_pretrained(name, tmp_path, tokenizer_path):
+def test_exported_preset_loads_with_from_pretrained(name, tmp_path, tokenizer_path, monkeypatch):
     cfg = tiny_preset(name)
     torch.manual_seed(0)
     model = perturb(build_model(cfg))
@@ -289,7 +290,20 @@ def test_exported_preset_loads_with_from_pretrained(name, tmp_path, tokenizer_pa
     text = "the red cat <extra_id_0> sees the <mask> dog."
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     ours_tok = load_tokenizer(tokenizer_path)
-    assert hf_tok(text)["input_ids"] == ours_tok.encode(text)
+    ids = ours_tok.encode(text)
+    if cfg.family == "encoder_decoder":
+        # T5's inputs end with EOS (span corruption's, fill_spans'), as Hugging Face's T5 tokenizer ends them
+        assert hf_tok(text)["input_ids"] == ids + [2]
+        assert hf_tok(text, "the dog.")["input_ids"] == ids + [2] + ours_tok.encode("the dog.") + [2]
+        fed = []  # the encoder inputs fill_spans makes
+        monkeypatch.setattr(generate, "generate_seq2seq", lambda model, ids, *a, **k: fed.append(ids) or ids)
+        prompt = "the red cat<extra_id_0> sees the dog."
+        generate.fill_spans(model, ours_tok, prompt)
+        assert hf_tok(prompt)["input_ids"] == fed[0][0].tolist()
+    else:  # a decoder's prompt and an MLM window have no marker tokens added: the run's tokenizer as it is
+        assert hf_tok(text)["input_ids"] == ids
+        assert (out / "tokenizer.json").read_bytes() == tokenizer_path.read_bytes()
+    assert load_tokenizer(out / "tokenizer.json").encode(text) == ids  # llmtrain reads either the same
     assert (hf_tok.pad_token_id, hf_tok.eos_token_id, hf_tok.mask_token_id) == (0, 2, 4)
 
     # model.init_from reads it back exactly
