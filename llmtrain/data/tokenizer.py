@@ -123,7 +123,15 @@ class Tokenizer:
         atomic_write_text(Path(path), self.hf.to_str())
 
     def digest(self) -> str:
-        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+        """What the ids depend on: the tokenizer's JSON, its post-processor left out (the special tokens it
+        wraps a text in, which `encode` never asks for): a T5 export's EOS template keeps the run's digest, so
+        its shards and cache still serve a run continued from the export."""
+        text = self.hf.to_str()
+        spec = json.loads(text)
+        if spec.get("post_processor") is not None:
+            spec["post_processor"] = None
+            text = HFTokenizer.from_str(json.dumps(spec)).to_str()
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -304,6 +304,8 @@ def test_exported_preset_loads_with_from_pretrained(name, tmp_path, tokenizer_pa
         assert hf_tok(text)["input_ids"] == ids
         assert (out / "tokenizer.json").read_bytes() == tokenizer_path.read_bytes()
     assert load_tokenizer(out / "tokenizer.json").encode(text) == ids  # llmtrain reads either the same
+    # and takes it for the run's tokenizer: a run continued from the export reuses the run's shards and cache
+    assert load_tokenizer(out / "tokenizer.json").digest() == ours_tok.digest()
     assert (hf_tok.pad_token_id, hf_tok.eos_token_id, hf_tok.mask_token_id) == (0, 2, 4)
 
     # model.init_from reads it back exactly
