@@ -237,10 +237,8 @@ def train_config(cfg: DictConfig, *sections: str, trains_bpe: bool = True) -> Tr
     train = to_dataclass(OmegaConf.masked_copy(cfg, [key for key in cfg if key not in sections]))
     # parallel.shard_size must divide the world size planned for (memory.world_size, plan.devices), not this
     # process's: MemoryOptions.check checks it against that
-    shard = train.parallel.shard_size
-    validate(
-        replace(train, parallel=replace(train.parallel, shard_size=0)) if shard > 0 else train, trains_bpe
-    )
+    planned = train.parallel.shard_size > 0 and train.parallel.strategy == "fsdp"  # outside fsdp: refused
+    validate(replace(train, parallel=replace(train.parallel, shard_size=0)) if planned else train, trains_bpe)
     return train
 
 

@@ -782,6 +782,7 @@ class Trainer:
         schedule's shape followed the new settings. A compute budget counts the FLOPs spent before (at the
         shape they were spent at), so a resume with another micro-batch or world size still spends it."""
         t, step = self.cfg.trainer, state["step"]
+        before = self.optimizer.param_groups[0]["lr"]  # the checkpoint's (a new scheduler would reset it)
         spent = self.flops_spent = state.get("flops_spent", step * self.flops_per_step)
         if t.max_flops:
             if abs(spent - step * self.flops_per_step) > 1e-9 * spent:  # another shape than before
@@ -791,13 +792,12 @@ class Trainer:
                 )
                 self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, t.max_steps)
                 self.scheduler.load_state_dict(state["scheduler"])
-        before = self.optimizer.param_groups[0]["lr"]
         apply_settings(self.optimizer, self.scheduler, self.cfg.optim, step)
         saved, now = state.get("optim", {}), dataclasses.asdict(self.cfg.optim)
         changed = [f"optim.{k}: {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
         if state.get("max_steps", t.max_steps) != t.max_steps:
             changed.append(f"trainer.max_steps: {state['max_steps']} -> {t.max_steps}")
-        if changed:
+        if changed and self.dist.is_main:
             log.warning(
                 "resuming with other settings than the checkpoint's (%s): this run's apply from step %d, "
                 "whose learning rate is %.4g (the checkpoint's schedule: %.4g)",

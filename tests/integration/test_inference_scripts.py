@@ -304,9 +304,11 @@ def test_generate_passes_sampling_to_span_filling_and_refuses_flags_that_do_not_
         "error: --no-stop-at-eos: span filling reads the spans up to the decoder's EOS"
         in capsys.readouterr().err
     )
-    assert generate([t5, *prompt, "--top-k", "5", "--top-p", "0.9"]) == 2  # greedy: they would do nothing
+    greedy_with = ["--top-k", "5", "--top-p", "0.9", "--seed", "3", "--num-samples", "2"]
+    assert generate([t5, *prompt, *greedy_with]) == 2  # greedy: they would do nothing, or repeat one fill
     assert (
-        "error: --top-k, --top-p: span filling is greedy unless --temperature > 0" in capsys.readouterr().err
+        "error: --top-k, --top-p, --seed, --num-samples: span filling is greedy unless --temperature > 0"
+        in capsys.readouterr().err
     )
 
     calls, outputs, original = [], [], generation.generate_seq2seq

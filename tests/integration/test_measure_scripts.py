@@ -59,6 +59,10 @@ def test_estimate_memory_prints_a_table_per_strategy_for_any_family():
 def test_estimate_memory_rejects_a_bad_option_clearly():
     result = run("estimate_memory.py", "memory.strategy=zero9")
     assert result.returncode == 2 and "strategy='zero9'" in result.stderr
+    # FSDP's shard_size without parallel=fsdp: a DDP table, silently (train.py refuses it)
+    result = run("estimate_memory.py", "memory.world_size=8", "parallel.shard_size=4")
+    assert result.returncode == 2
+    assert "error: parallel.shard_size=4 needs parallel.strategy=fsdp, not single" in result.stderr
 
 
 def test_plan_from_a_budget_gives_both_optima_a_shape_and_time():

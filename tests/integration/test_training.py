@@ -13,6 +13,7 @@ import torch
 
 from llmtrain.config import ConfigError, validate
 from llmtrain.training.checkpoint import latest_checkpoint, load_checkpoint, read_train_state
+from llmtrain.training.optim import lr_factor
 from llmtrain.training.trainer import Trainer
 from tests.helpers import step_losses
 
@@ -186,7 +187,7 @@ def test_a_resume_between_logs_continues_the_loss_window(tiny_config):
     assert resumed.spikes.mean == pytest.approx(straight.spikes.mean, abs=1e-6)
 
 
-def test_a_flop_budget_resumed_at_another_micro_batch_spends_what_is_left(tiny_config):
+def test_a_flop_budget_resumed_at_another_micro_batch_spends_what_is_left(tiny_config, caplog):
     """trainer.max_flops counted the steps from the new shape alone: 4 steps at micro-batch 4, resumed at 8,
     took max_flops // (the new step) steps in all, 81% of the budget in the review. The FLOPs spent are kept."""
     small = Trainer(tiny_config("decoder", "trainer.micro_batch_size=4", "run_name=probe"))
@@ -195,8 +196,14 @@ def test_a_flop_budget_resumed_at_another_micro_batch_spends_what_is_left(tiny_c
     assert first.cfg.trainer.max_steps == 12
     first.cfg.trainer.max_steps = 4  # stopped early (the schedule still spans 12)
     first.fit()
-    resumed = Trainer(tiny_config("decoder", "trainer.micro_batch_size=8", f"trainer.max_flops={budget}"))
+    with caplog.at_level("WARNING", logger="llmtrain"):
+        resumed = Trainer(tiny_config("decoder", "trainer.micro_batch_size=8", f"trainer.max_flops={budget}"))
     assert resumed.step == 4 and resumed.cfg.trainer.max_steps == 4 + 4  # 8.5 small steps left: 4 large
+    o = (
+        resumed.cfg.optim
+    )  # the rate the checkpoint would have trained step 4 at (not the new schedule's start)
+    named = f"learning rate is {o.lr * lr_factor(4, o, 8):.4g} (the checkpoint's schedule: {o.lr * lr_factor(4, o, 12):.4g})"
+    assert named in caplog.text
     result = resumed.fit()
     assert result["steps"] == 8 and result["flops"] == pytest.approx(12 * small.flops_per_step, rel=1e-12)
 
