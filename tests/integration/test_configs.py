@@ -52,6 +52,18 @@ def test_debug_tiny_shrinks_every_model(model):
     assert parameter_count(model_config_for(cfg)) < 500_000, model
 
 
+@pytest.mark.parametrize(
+    ("overrides", "wandb"),
+    [
+        (["debug=tiny"], "disabled"),
+        (["debug=tiny", "logger=wandb_online"], "online"),  # debug/tiny.yaml was applied last: disabled
+        (["logger=wandb_offline", "debug=tiny"], "offline"),
+    ],
+)
+def test_debug_tiny_turns_wandb_off_unless_a_logger_is_asked_for(overrides, wandb):
+    assert to_dataclass(compose_config([*overrides, "run_name=x"])).logger.wandb == wandb
+
+
 def test_unknown_key_is_refused_at_composition():
     with pytest.raises(ConfigCompositionException, match="model.n_layer") as info:
         compose_config(["model.n_layer=3", "run_name=x"])
