@@ -240,6 +240,10 @@ def normalize(text: str, cfg: NormalizeConfig) -> str:
         return text
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if (
+        "\u2028" in text or "\u2029" in text or "\x85" in text
+    ):  # line breaks to str.splitlines (datatrove) too
+        text = text.replace("\u2028", "\n").replace("\u2029", "\n").replace("\x85", "\n")
     if cfg.remove_control_chars:
         text = CONTROL.sub("", text)
     if cfg.unicode_form and not unicodedata.is_normalized(cfg.unicode_form, text):
@@ -477,12 +481,14 @@ def gopher_repetition_rule(
     for n, limit in sorted(cfg.max_top_ngram_char_fraction.items()):
         if n_words < n:
             continue
-        values, counts = np.unique(grams.of(n), return_counts=True)
-        top = int(np.argmax(counts))
-        if counts[top] < 2:
+        _, first, counts = np.unique(grams.of(n), return_index=True, return_counts=True)
+        most = int(counts.max())
+        if most < 2:
             continue
-        start = int(np.argmax(grams.of(n) == values[top]))  # its first occurrence
-        if counts[top] * (cum[start + n] - cum[start]) / total > limit:
+        # of the n-grams tied for the most occurrences, the first to occur (datatrove's Counter.most_common),
+        # not the one the hash order puts first
+        start = int(first[counts == most].min())
+        if most * (cum[start + n] - cum[start]) / total > limit:
             return f"gopher_repetition.max_top_ngram_char_fraction.{n}"
     limits = sorted(cfg.max_duplicate_ngram_char_fraction.items())
     for i, (n, limit) in enumerate(limits):
@@ -805,10 +811,12 @@ def gopher_repetition_batch(
                 most = np.maximum.reduceat(g_sizes, seg)
                 is_top = g_sizes == np.repeat(most, np.diff(np.append(seg, len(g_docs))))
                 candidates = np.flatnonzero(is_top)
-                firsts = candidates[
+                per_doc = np.flatnonzero(
                     np.concatenate([[True], g_docs[candidates][1:] != g_docs[candidates][:-1]])
-                ]
-                first_pos = positions[order[g_starts[firsts]]]  # its first occurrence
+                )
+                # a group's first member is its first occurrence; of a document's tied groups, the earliest
+                first_pos = np.minimum.reduceat(positions[order[g_starts[candidates]]], per_doc)
+                firsts = candidates[per_doc]
                 d = g_docs[firsts]
                 fraction = g_sizes[firsts] * (cum[first_pos + n] - cum[first_pos]) / total[d]
                 fail[d[fraction > top[n]]] = True
