@@ -135,6 +135,14 @@ def _read_local(files: list[Path], field: str) -> Iterator[str]:
                             f"data.paths ({path}, line {lineno}): column {field!r} (data.text_field) holds "
                             f"{type(text).__name__}, not text"
                         )
+                    if text and not text.isascii():  # JSON's escapes can spell a lone surrogate ("\ud800")
+                        try:
+                            text.encode("utf-8")
+                        except UnicodeEncodeError as err:
+                            raise DataError(
+                                f"data.paths ({path}, line {lineno}): column {field!r} (data.text_field) holds "
+                                f"text that is not valid Unicode ({err.reason}: {err.object[err.start : err.end]!a})"
+                            ) from None
                     yield text or ""
         except UnicodeDecodeError as err:
             raise DataError(f"data.paths: {path}: could not be read: not UTF-8 ({err})") from None

@@ -102,11 +102,13 @@ class Tokenizer:
 
         A byte-level BPE token is a string of byte-alphabet characters, one character per byte. A Unigram
         (Metaspace) token counts its text with "▁" as a space; a WordPiece token its text without "##" (the
-        spaces between words are implied, not tokens, so they are not counted there).
+        spaces between words are implied, not tokens, so they are not counted there). So bits per byte is exact
+        for byte-level BPE only: WordPiece leaves the spaces out (bpb 1.2-1.4x a BPE's on the same text), and
+        a Unigram or WordPiece <unk> counts no bytes (`bytes_exact`).
         """
         lengths = torch.zeros(self.vocab_size, dtype=torch.long)
         specials = set(self.special_ids)
-        byte_level = isinstance(self.hf.pre_tokenizer, pre_tokenizers.ByteLevel)
+        byte_level = self.bytes_exact
         wordpiece = isinstance(self.hf.model, models.WordPiece)
         for token, i in self.hf.get_vocab().items():
             if i in specials:
@@ -118,6 +120,11 @@ class Tokenizer:
             else:
                 lengths[i] = len(token.replace("\u2581", " ").encode("utf-8"))
         return lengths
+
+    @property
+    def bytes_exact(self) -> bool:
+        """Whether token_bytes adds up to the UTF-8 bytes of any text (byte-level BPE), for bits per byte."""
+        return isinstance(self.hf.pre_tokenizer, pre_tokenizers.ByteLevel)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.hf.to_str())
@@ -173,9 +180,9 @@ def train_tokenizer(
     texts: Iterable[str], kind: str, vocab_size: int, min_frequency: int = 2, n_sentinels: int = 100
 ) -> Tokenizer:
     """Byte-level BPE (GPT-2 style, lossless), Unigram (SentencePiece style: spaces as "▁", NFC; lossless for NFC
-    text without unknown characters) or WordPiece (BERT style: split on whitespace and punctuation, "##"
-    continuations, NFC, cased; spaces are not kept, so decoding does not restore the text exactly), each with the
-    same special tokens at the same ids (pad=0, bos=1, eos=2, unk=3, mask=4, then the sentinels)."""
+    text without unknown characters or a "▁" of its own) or WordPiece (BERT style: split on whitespace and
+    punctuation, "##" continuations, NFC, cased; spaces are not kept, so decoding does not restore the text
+    exactly), each with the same special tokens at the same ids (pad=0, bos=1, eos=2, unk=3, mask=4, then the sentinels)."""
     if kind == "bpe":
         return train_bpe(texts, vocab_size, min_frequency, n_sentinels)
     if kind not in TOKENIZER_KINDS:
@@ -207,8 +214,23 @@ def train_tokenizer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
         )
     hf.normalizer = normalizers.NFC()
-    hf.train_from_iterator(texts, trainer=trainer)
-    return Tokenizer(hf)
+    too_small = f"data.tokenizer.vocab_size={vocab_size} is below what a {kind} tokenizer of this text holds"
+    try:
+        hf.train_from_iterator(texts, trainer=trainer)
+    except Exception as err:  # the Unigram trainer's bare Exception: "not large enough to contain all chars"
+        if "not large enough" in str(err):
+            raise ValueError(
+                f"{too_small} (the special tokens and every distinct character); raise it"
+            ) from None
+        raise
+    tok = Tokenizer(hf)
+    # both trainers keep every character of the sample, whatever the size asked
+    if tok.vocab_size > vocab_size:
+        raise ValueError(
+            f"{too_small}: {tok.vocab_size} (the special tokens and every distinct character); raise it to at "
+            "least that"
+        )
+    return tok
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

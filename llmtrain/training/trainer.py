@@ -313,6 +313,12 @@ class Trainer:
         cfg.model.decoder_start_token_id = tok.pad_id
         self.objective = build_objective(cfg, tok)
         self.token_bytes = tok.token_bytes().to(self.device)
+        if not tok.bytes_exact and self.dist.is_main:
+            log.warning(
+                "bits per byte counts the bytes of %s's tokens, which leave out what the tokenizer does not keep "
+                "(WordPiece: the spaces between words; <unk>: its characters): exact for byte-level BPE only",
+                self.corpus.tokenizer_path,
+            )
 
         raw, batch = self.objective.raw_length, t.micro_batch_size
         pipeline = build_loaders(

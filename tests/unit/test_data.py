@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -162,6 +163,30 @@ def test_a_non_text_column_is_named_on_every_reader(tmp_path):
             list(iter_documents(files_config([path], tmp_path)))
     (tmp_path / "bom.txt").write_bytes("\ufeffHello world.".encode())
     assert list(iter_documents(files_config([tmp_path / "bom.txt"], tmp_path))) == ["Hello world."]
+
+
+def test_a_lone_surrogate_in_a_jsonl_record_is_named(tmp_path):
+    """JSON's escapes can spell half a UTF-16 pair (web crawls hold them): it reached the byte count as a
+    UnicodeEncodeError traceback. Now an error naming the file, line and column."""
+    path = tmp_path / "crawl.jsonl"
+    path.write_text('{"text": "fine text"}\n{"text": "bad \\ud800 surrogate"}\n')
+    with pytest.raises(
+        DataError, match=rf"\({re.escape(str(path))}, line 2\): column 'text' .* not valid Unicode"
+    ):
+        list(iter_documents(files_config([path], tmp_path)))
+
+
+def test_wordpiece_and_unigram_keep_the_vocabulary_asked_for_or_say_why_not():
+    """Both trainers keep every character of the sample: vocab_size=150 gave 270 and 261 tokens, silently."""
+    from llmtrain.data.tokenizer import train_tokenizer
+
+    texts = [
+        f"{chr(0x4E00 + i)}{chr(0x4E00 + i + 1)} word{i}" for i in range(200)
+    ]  # 200+ distinct characters
+    for kind in ("unigram", "wordpiece"):
+        with pytest.raises(ValueError, match=r"data.tokenizer.vocab_size=150 is below what a \w+ tokenizer"):
+            train_tokenizer(texts, kind, 150, n_sentinels=10)
+    assert train_tokenizer(texts, "wordpiece", 600, n_sentinels=10).vocab_size <= 600
 
 
 def test_hub_source_uses_the_same_path(tmp_path):
