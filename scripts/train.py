@@ -19,7 +19,7 @@ from llmtrain.config import ConfigError, register_configs, to_dataclass, validat
 from llmtrain.data import DataError
 from llmtrain.distributed.env import destroy
 from llmtrain.models import ModelConfigError
-from llmtrain.training.guards import NonFiniteError
+from llmtrain.training.guards import NonFiniteError, StopRequest
 
 register_configs()
 
@@ -61,7 +61,13 @@ def train(dict_cfg: DictConfig) -> int:
         validate(cfg)
         from llmtrain.training.trainer import Trainer  # heavy imports after the config is known to be sound
 
-        Trainer(cfg, resolved_config=resolved).fit()
+        # the signal handlers before the Trainer: a signal while rank 0 tokenizes or the first evaluation runs
+        # stops the run at its first step (SIGUSR1's default action killed the rank)
+        stop = StopRequest(cfg.trainer.time_limit_minutes)
+        try:
+            Trainer(cfg, resolved_config=resolved).fit(stop)
+        finally:
+            stop.restore()
     except (ConfigError, ModelConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,10 +15,12 @@ import time
 
 import torch
 
-from llmtrain.distributed.env import all_reduce_sum
+from llmtrain.distributed.env import all_reduce_max, all_reduce_sum
 
 log = logging.getLogger("llmtrain")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_REASONS = ("time limit", *(sig.name for sig in STOP_SIGNALS))
+"""What a rank stops for, by code (its index + 1): the ranks agree on one, so every rank can name it."""
 
 
 class NonFiniteError(RuntimeError):
@@ -68,11 +70,11 @@ class StopRequest:
 
         The flag is a host tensor (gloo: on CUDA the group has a CPU backend beside NCCL), so reading the
         verdict does not wait for the GPU's queued kernels: the check costs one host round trip per call."""
-        flag = torch.tensor([1.0 if self.local() else 0.0])
-        stop = all_reduce_sum(flag).item() > 0
-        if stop and self.reason is None:
-            self.reason = "another rank"
-        return stop
+        code = STOP_REASONS.index(self.reason.removesuffix(" (another rank)")) + 1 if self.local() else 0
+        agreed = int(all_reduce_max(torch.tensor([code])).item())
+        if agreed and self.reason is None:  # e.g. "SIGUSR1 (another rank)": the log and result.json say why
+            self.reason = f"{STOP_REASONS[agreed - 1]} (another rank)"
+        return agreed > 0
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -815,8 +815,14 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
 
-    def fit(self) -> dict[str, float]:
+    def fit(self, stop: StopRequest | None = None) -> dict[str, float]:
+        """Train to trainer.max_steps, or until a stop request (a signal, the time limit) has it checkpoint and
+        return. stop: one made before the Trainer (scripts/train.py), so a signal during start-up (rank 0
+        tokenizing, the first evaluation) stops the run instead of killing the process; else made here."""
         cfg, t = self.cfg, self.cfg.trainer
+        owned = stop is None
+        if owned:
+            stop = StopRequest(t.time_limit_minutes, since=self.started)
         n_params = count_parameters(self.model)
         self.log(
             "model: %s, %.2fM parameters (%.2fM without embeddings); %s on %s x %d (%s); %d tokens per step",
@@ -843,11 +849,11 @@ class Trainer:
         start = time.perf_counter()
         # the stop handlers stay until the run has ended: a signal after the last step (during the final
         # checkpoint or evaluation) lets the run finish instead of killing it before its checkpoint
-        stop = StopRequest(t.time_limit_minutes, since=self.started)
         try:
             return self._finish(stop, progress, result, start)
         finally:
-            stop.restore()
+            if owned:
+                stop.restore()
 
     def _finish(self, stop: StopRequest, progress, result: dict[str, Any], start: float) -> dict[str, float]:
         """fit's training loop and ending (a stop's checkpoint, or the final checkpoint, evaluation and sample),

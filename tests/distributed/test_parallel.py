@@ -301,7 +301,7 @@ def test_a_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(corpus_file, cac
     assert proc.returncode == 0, stderr[-3000:]
     assert "outlived destroy_process_group" not in stderr
     result = json.loads((tmp_path / "decoder-test" / "result.json").read_text())
-    assert result["stopped"] in ("SIGUSR1", "another rank") and result["steps"] < 2000
+    assert result["stopped"] in ("SIGUSR1", "SIGUSR1 (another rank)") and result["steps"] < 2000
     assert (tmp_path / "decoder-test" / f"step-{result['steps']:07d}" / "train_state.pt").is_file()
 
 
@@ -467,3 +467,29 @@ def test_rank_zero_first_raises_rank_0s_error_on_every_rank(tmp_path):
         assert f"rank {rank} data DataError: bad data" in out, out
         assert f"rank {rank} both {rank}" in out, out
     assert "rank 0 local Local: boom" in out and "rank 1 local RuntimeError: Local: boom" in out, out
+
+
+STOP_REASON = textwrap.dedent(
+    """
+    from llmtrain.distributed.env import destroy, init_distributed
+    from llmtrain.training.guards import StopRequest
+
+    info = init_distributed("cpu")
+    stop = StopRequest()
+    print(f"rank {info.rank} first {stop.agreed()} {stop.reason}", flush=True)
+    if info.rank == 1:
+        stop.reason = "SIGTERM"  # as the handler sets it
+    print(f"rank {info.rank} then {stop.agreed()} {stop.reason}", flush=True)
+    stop.restore()
+    destroy()
+    """
+)
+
+
+def test_the_ranks_agree_on_why_the_run_stops(tmp_path):
+    """A stop one rank was asked for (its time limit, a signal) was "another rank" on the others, rank 0
+    included: its log and result.json did not say why the run stopped."""
+    out = run_on_ranks(tmp_path, STOP_REASON).stdout
+    for rank in "01":
+        assert f"rank {rank} first False None" in out, out
+    assert "rank 0 then True SIGTERM (another rank)" in out and "rank 1 then True SIGTERM" in out, out

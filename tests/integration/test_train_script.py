@@ -175,3 +175,27 @@ def test_hydra_run_dir_is_refused_naming_where_runs_go(tmp_path):
         f"error: hydra.run.dir={tmp_path / 'elsewhere'} is not used: llmtrain writes each run" in proc.stderr
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_signal_during_start_up_stops_the_run_at_its_first_step(corpus_file, cache_dir, tmp_path):
+    """The stop handlers came after the first evaluation: SIGUSR1 (a scheduler's warning) while the data was
+    being tokenized killed the process (its default action), with no checkpoint. Now the run stops after one
+    step with a checkpoint, exit 0."""
+    import signal
+
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path, "decoder") + ["trainer.sample_tokens=0"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *overrides],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stderr:  # the Trainer is being built: the data, then the first evaluation
+        if "tokenizer:" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, stderr[-3000:]
+    result = json.loads((tmp_path / "decoder-test" / "result.json").read_text())
+    assert (result["stopped"], result["steps"]) == ("SIGUSR1", 1)
+    assert (tmp_path / "decoder-test" / "step-0000001" / "train_state.pt").is_file()
