@@ -20,7 +20,7 @@ OUT=${OUT:-gpu_out}
 BUDGET_S=${BUDGET_S:-480}
 SKIP=${SKIP:-}
 mkdir -p "$OUT"
-LOG="$OUT/gpu_check.log"  # one log: the device tool returns at most 8 files from $OUT (this log + 6 JSON)
+LOG="$OUT/gpu_check.log"  # one log: the device tool returns at most 8 files from $OUT (this log + 5 JSON)
 START=$(date +%s)
 PY=${GPU_PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # llmtrain is not installed on a lent machine

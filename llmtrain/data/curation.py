@@ -232,6 +232,7 @@ def check_curation_config(cfg: CurationConfig, prefix: str = "curation") -> None
 # -- normalisation ----------------------------------------------------------------------------------------
 
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+OTHER_LINE_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")  # str.splitlines' besides \n and \r
 TRAILING_SPACE = re.compile(r"[ \t]+(?=\n|\Z)")
 
 
@@ -240,10 +241,8 @@ def normalize(text: str, cfg: NormalizeConfig) -> str:
         return text
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if (
-        "\u2028" in text or "\u2029" in text or "\x85" in text
-    ):  # line breaks to str.splitlines (datatrove) too
-        text = text.replace("\u2028", "\n").replace("\u2029", "\n").replace("\x85", "\n")
+    if OTHER_LINE_BREAKS.search(text):  # line breaks to str.splitlines (datatrove's line rules) too, not glue
+        text = OTHER_LINE_BREAKS.sub("\n", text)
     if cfg.remove_control_chars:
         text = CONTROL.sub("", text)
     if cfg.unicode_form and not unicodedata.is_normalized(cfg.unicode_form, text):

@@ -150,6 +150,8 @@ def settings_key(data: DataConfig, prep: PrepareConfig, tokenizer: Tokenizer) ->
         "tokenizer": tokenizer.digest(),
         "tokenizer_backend": prep.tokenizer_backend,
         "special_text": "plain",  # special-token text in documents is text (before: the special token)
+        # 2: U+2028/U+2029/NEL/VT/FF/FS/GS/RS break lines; a top n-gram tie counts the first to occur
+        "curation_rules": 2,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

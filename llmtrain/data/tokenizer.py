@@ -226,10 +226,9 @@ def train_tokenizer(
     tok = Tokenizer(hf)
     # both trainers keep every character of the sample, whatever the size asked
     if tok.vocab_size > vocab_size:
-        raise ValueError(
-            f"{too_small}: {tok.vocab_size} (the special tokens and every distinct character); raise it to at "
-            "least that"
-        )
+        # WordPiece's size is its floor; below its floor the Unigram trainer returns a size of no meaning
+        floor = f"; raise it to at least {tok.vocab_size}" if kind == "wordpiece" else "; raise it"
+        raise ValueError(f"{too_small}: the special tokens and every distinct character{floor}")
     return tok
 
 

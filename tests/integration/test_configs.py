@@ -58,6 +58,8 @@ def test_debug_tiny_shrinks_every_model(model):
         (["debug=tiny"], "disabled"),
         (["debug=tiny", "logger=wandb_online"], "online"),  # debug/tiny.yaml was applied last: disabled
         (["logger=wandb_offline", "debug=tiny"], "offline"),
+        (["experiment=isoflop_cpu"], "disabled"),
+        (["experiment=isoflop_cpu", "logger=wandb_online"], "online"),
     ],
 )
 def test_debug_tiny_turns_wandb_off_unless_a_logger_is_asked_for(overrides, wandb):

@@ -698,8 +698,11 @@ def test_a_tie_for_the_most_frequent_ngram_counts_the_first_to_occur():
 
 def test_unicode_line_separators_are_line_breaks():
     """U+2028, U+2029 and NEL split lines for datatrove (str.splitlines) but not for the fast backend's "\\n"
-    rules: a menu line joined by them survived C4's line filter here only."""
+    rules: a menu line joined by them survived C4's line filter here only. VT, FF, FS, GS and RS too."""
     cfg = NormalizeConfig()
     assert normalize("Home | About\u2028Share on Facebook\u2029Next\x85end.", cfg) == (
         "Home | About\nShare on Facebook\nNext\nend."
     )
+    # and the control characters str.splitlines breaks on: removed as control characters, they glued words
+    text = "A good first sentence here.\x0bShare on Facebook\x0cAnother one\x1cx\x1dy\x1ez"
+    assert normalize(text, cfg).splitlines() == text.splitlines()
