@@ -41,7 +41,7 @@ def check_hydra_use(dict_cfg: DictConfig) -> None:
             f"hydra.run.dir={hydra_cfg.run.dir} is not used: llmtrain writes each run to output_dir/run_name "
             f"(here {run_dir}); set output_dir= and run_name= instead"
         )
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    if in_sweep():
         job = hydra_cfg.job.num
         earlier = SWEEP_RUNS.setdefault(run_dir.resolve(), job)
         if earlier != job:
@@ -50,6 +50,18 @@ def check_hydra_use(dict_cfg: DictConfig) -> None:
                 "run instead of training its own settings): the swept settings must reach run_name, e.g. "
                 "run_name=lr${optim.lr} (experiment=isoflop_cpu names its runs by the swept sizes)"
             )
+
+
+STOP_SWEEP = -1
+"""train()'s code for a run stopped by a signal inside a sweep: the process exits 0 before the next job."""
+
+
+class SweepStopped(BaseException):
+    """Ends a sweep after a signal: past Hydra's launcher and @record, which take SystemExit(0) as a job's end."""
+
+
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def train(dict_cfg: DictConfig) -> int:
@@ -68,6 +80,14 @@ def train(dict_cfg: DictConfig) -> int:
             Trainer(cfg, resolved_config=resolved).fit(stop)
         finally:
             stop.restore()
+        if stop.reason and not stop.reason.startswith("time limit") and in_sweep():
+            # a scheduler's signal is for the whole job: the sweep's next runs would start, to be killed
+            print(
+                f"a signal ({stop.reason}) stopped job #{HydraConfig.get().job.num} of this sweep after its "
+                "checkpoint; the jobs after it are not started (the same command resumes the sweep)",
+                file=sys.stderr,
+            )
+            return STOP_SWEEP
     except (ConfigError, ModelConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -93,9 +113,14 @@ def main(dict_cfg: DictConfig) -> None:
         # after train() has returned, so an error's traceback no longer holds the trainer and its process groups:
         # a group still alive at interpreter exit can abort it (see llmtrain.distributed.env.destroy)
         destroy()
+    if code == STOP_SWEEP:
+        raise SweepStopped
     if code:
         sys.exit(code)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SweepStopped:
+        sys.exit(0)

@@ -199,3 +199,32 @@ def test_a_signal_during_start_up_stops_the_run_at_its_first_step(corpus_file, c
     result = json.loads((tmp_path / "decoder-test" / "result.json").read_text())
     assert (result["stopped"], result["steps"]) == ("SIGUSR1", 1)
     assert (tmp_path / "decoder-test" / "step-0000001" / "train_state.pt").is_file()
+
+
+def test_a_signal_stops_a_sweep_not_just_its_job(corpus_file, cache_dir, tmp_path):
+    """SIGTERM during job #0 of a `-m` sweep stopped that job with its checkpoint, and job #1 then started (to be
+    killed by the scheduler that sent the signal). The process now exits 0 after job #0's checkpoint."""
+    import signal
+
+    overrides = tiny_overrides(corpus_file, cache_dir, tmp_path, "decoder") + [
+        "trainer.max_steps=300",
+        "trainer.sample_tokens=0",
+        "optim.lr=1e-3,2e-3",
+        "run_name=lr${optim.lr}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *overrides],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in proc.stderr:
+        if "step 10:" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr[-3000:]
+    assert "the jobs after it are not started" in stderr
+    assert json.loads((tmp_path / "lr0.001" / "result.json").read_text())["stopped"] == "SIGTERM"
+    assert not (tmp_path / "lr0.002").exists()
