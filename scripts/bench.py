@@ -66,6 +66,7 @@ class SyntheticTokenizer:
         self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id = range(5)
         self.sentinel_ids = list(range(5, 105))
         self.special_ids = list(range(105))
+        self.bytes_exact = True  # 4 bytes a token, by definition (no text behind the ids)
 
     def token_bytes(self) -> torch.Tensor:
         lengths = torch.full((self.vocab_size,), 4, dtype=torch.long)
