@@ -59,8 +59,7 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig
     scheduler's own schedule (its max_steps), as a run started with these settings would have it."""
     scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
     lr = cfg.lr * scheduler.lr_lambdas[0](step)
-    for group, decay in zip(
-        optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True
-    ):  # param_groups' order
+    decays = (cfg.weight_decay, 0.0)  # param_groups' order: matrices, then vectors
+    for group, decay in zip(optimizer.param_groups, decays, strict=True):
         group.update(lr=lr, initial_lr=cfg.lr, weight_decay=decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     scheduler._last_lr = [lr] * len(optimizer.param_groups)

@@ -282,10 +282,9 @@ class Trainer:
                 + ("it holds no config.json" if Path(init_from).is_dir() else "no such folder")
                 + "); give a folder with config.json and model.safetensors, as scripts/export_hf.py writes"
             )
-        if (
-            init_from
-        ):  # the architecture before the data is read (tokenizing can take minutes); the vocabulary
-            # follows the tokenizer, checked with the weights
+        # the architecture before the data is read (tokenizing can take minutes); the vocabulary follows the
+        # tokenizer, and is checked with the weights
+        if init_from:
             try:
                 check_architecture(cfg.model, init_from, vocabulary=False)
             except ModelConfigError:
@@ -403,9 +402,8 @@ class Trainer:
             if self.dist.is_main:
                 MetricsLog.check_wandb(cfg)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                if not (
-                    self.resumed and self.step >= t.max_steps
-                ):  # a finished run keeps what it trained with
+                finished = self.resumed and self.step >= t.max_steps  # it keeps what it trained with
+                if not finished:
                     (self.run_dir / "config.json").write_text(
                         json.dumps(resolved_config, indent=1, default=str)
                     )
