@@ -1,7 +1,7 @@
 """Memory per device of a training step, from the same configs and overrides as training.
 
     python scripts/estimate_memory.py model=decoder model.d_model=2048 model.n_layers=24 model.vocab_size=32000 \
-        data.seq_len=2048 trainer.micro_batch_size=4 memory.gpu=H100 memory.world_size=8
+        model.max_seq_len=2048 data.seq_len=2048 trainer.micro_batch_size=4 memory.gpu=H100 memory.world_size=8
 
 Prints, per sharding strategy, each component in GiB per device, the peak, and the largest micro-batch that
 fits the GPU (with and without activation checkpointing). Options: `memory.*` (llmtrain/measure/options.py).

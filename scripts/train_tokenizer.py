@@ -121,9 +121,10 @@ def main(cfg: DictConfig) -> None:
         heldout = take(curated_texts(data, curation, "val"), opts.heldout_bytes)
         if not sample or not heldout:
             which = "training" if not sample else "held-out (validation)"
+            more = f"raise data.max_bytes={data.max_bytes} or" if data.max_bytes else "add data or raise"
             raise DataError(
-                f"no curated {which} text: the prepare curation removed it all or data.val_fraction="
-                f"{data.val_fraction} is too small; try prepare=code or prepare=minimal"
+                f"no curated {which} text: {more} data.val_fraction={data.val_fraction}, or loosen the "
+                "curation (prepare=minimal keeps the most)"
             )
         start = time.perf_counter()
         tokenizer = train_tokenizer(sample, opts.kind, t.vocab_size, t.min_frequency, t.n_sentinels)
