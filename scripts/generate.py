@@ -56,13 +56,11 @@ def check_flags(args: argparse.Namespace, family: str) -> None:
                 "--no-stop-at-eos: span filling reads the spans up to the decoder's EOS, so it always stops there"
             )
         sampling = not args.greedy and args.temperature is not None and args.temperature > 0
+        # greedy fills are one fill whatever the seed: N samples would be N copies
         sampling_only = (
             ("--top-k", args.top_k),
             ("--top-p", args.top_p),
-            (
-                "--seed",
-                args.seed,
-            ),  # greedy fills are one fill, whatever the seed: N samples would be N copies
+            ("--seed", args.seed),
             ("--num-samples", args.num_samples),
         )
         flags = [flag for flag, value in sampling_only if value is not None]

@@ -24,6 +24,10 @@ from llmtrain.training.guards import NonFiniteError, StopRequest
 register_configs()
 
 
+def in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 SWEEP_RUNS: dict[Path, int] = {}
 """Run directory -> the job of this multirun (`-m`; Hydra's launcher runs its jobs in this process) that has it."""
 
@@ -60,10 +64,6 @@ class SweepStopped(BaseException):
     """Ends a sweep after a signal: past Hydra's launcher and @record, which take SystemExit(0) as a job's end."""
 
 
-def in_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def train(dict_cfg: DictConfig) -> int:
     """Train; an expected failure prints one `error:` line and gives the exit code."""
     try:
@@ -80,7 +80,7 @@ def train(dict_cfg: DictConfig) -> int:
             Trainer(cfg, resolved_config=resolved).fit(stop)
         finally:
             stop.restore()
-        if stop.reason and not stop.reason.startswith("time limit") and in_sweep():
+        if stop.by_signal and in_sweep():
             # a scheduler's signal is for the whole job: the sweep's next runs would start, to be killed
             print(
                 f"a signal ({stop.reason}) stopped job #{HydraConfig.get().job.num} of this sweep after its "

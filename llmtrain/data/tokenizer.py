@@ -182,7 +182,8 @@ def train_tokenizer(
     """Byte-level BPE (GPT-2 style, lossless), Unigram (SentencePiece style: spaces as "▁", NFC; lossless for NFC
     text without unknown characters or a "▁" of its own) or WordPiece (BERT style: split on whitespace and
     punctuation, "##" continuations, NFC, cased; spaces are not kept, so decoding does not restore the text
-    exactly), each with the same special tokens at the same ids (pad=0, bos=1, eos=2, unk=3, mask=4, then the sentinels)."""
+    exactly), each with the same special tokens at the same ids (pad=0, bos=1, eos=2, unk=3, mask=4, then the
+    sentinels)."""
     if kind == "bpe":
         return train_bpe(texts, vocab_size, min_frequency, n_sentinels)
     if kind not in TOKENIZER_KINDS:
@@ -214,21 +215,21 @@ def train_tokenizer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
         )
     hf.normalizer = normalizers.NFC()
-    too_small = f"data.tokenizer.vocab_size={vocab_size} is below what a {kind} tokenizer of this text holds"
+    too_small = (
+        f"data.tokenizer.vocab_size={vocab_size} is below what a {kind} tokenizer of this text holds (the "
+        "special tokens and every distinct character); raise it"
+    )
     try:
         hf.train_from_iterator(texts, trainer=trainer)
     except Exception as err:  # the Unigram trainer's bare Exception: "not large enough to contain all chars"
         if "not large enough" in str(err):
-            raise ValueError(
-                f"{too_small} (the special tokens and every distinct character); raise it"
-            ) from None
+            raise ValueError(too_small) from None
         raise
     tok = Tokenizer(hf)
-    # both trainers keep every character of the sample, whatever the size asked
+    # both trainers keep every character of the sample, whatever the size asked; WordPiece's size is then its
+    # floor, while below its floor the Unigram trainer returns a size of no meaning
     if tok.vocab_size > vocab_size:
-        # WordPiece's size is its floor; below its floor the Unigram trainer returns a size of no meaning
-        floor = f"; raise it to at least {tok.vocab_size}" if kind == "wordpiece" else "; raise it"
-        raise ValueError(f"{too_small}: the special tokens and every distinct character{floor}")
+        raise ValueError(too_small + (f" to at least {tok.vocab_size}" if kind == "wordpiece" else ""))
     return tok
 
 

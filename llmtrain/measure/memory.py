@@ -48,8 +48,9 @@ The step peaks at the start of the backward pass (states + activations + loss gr
 tied embeddings (all the gradients, and the tied weight's head and embedding gradients with their sum: two
 V x d matrices more), or during the optimizer step (states + gradients, + the sqrt(v) buffer of foreach
 AdamW; fused AdamW, llmtrain's on CUDA and CPU, needs none); gradients are freed by
-`zero_grad(set_to_none=True)`, so they add to the first peak only under gradient accumulation. Not counted: dropout masks (dropout defaults to 0), padding masks, the gradient
-of T5's bias (transient, (B, heads, T, T) for one block), the CUDA context and allocator fragmentation
+`zero_grad(set_to_none=True)`, so they exist throughout the backward only under gradient accumulation, and
+otherwise build up during it (the moments above). Not counted: dropout masks (dropout defaults to 0), padding
+masks, the gradient of T5's bias (transient, (B, heads, T, T) for one block), the CUDA context and allocator fragmentation
 (leave a reserve: `usable_fraction` where a GPU is fitted), DDP's gradient buckets (none with
 gradient_as_bucket_view=True).
 
@@ -353,19 +354,15 @@ def activation_bytes(cfg: ModelConfig, lengths: Lengths, micro_batch: int, setup
     n_params = parameter_count(cfg)
     # the head's gradient comes first (a tied weight's: V x d, its embedding half added at the very end)
     made = head_parameters(cfg) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
-    moments = []
+    left, moments = saved, []  # the blocks' kept bytes not yet reached by the backward
     for n_layers, per_block, added, cross in reversed(kept):  # backward: the last stack's last block first
         params = block_parameters(cfg, cross)
-        first = (saved + added, made)
-        last = (saved - (n_layers - 1) * per_block + added, made + (n_layers - 1) * params)
-        moments += [
-            (micro_batch * (act + extras), min(share, n_params) / n_params) for act, share in (first, last)
-        ]
-        saved -= n_layers * per_block
+        first = (left + added, made)
+        last = (left - (n_layers - 1) * per_block + added, made + (n_layers - 1) * params)
+        moments += [(micro_batch * (act + extras), share / n_params) for act, share in (first, last)]
+        left -= n_layers * per_block
         made += n_layers * params
-    return Activations(
-        micro_batch * (extras + head + sum(n * b for n, b, _, _ in kept)), loss_gradients, tuple(moments)
-    )
+    return Activations(micro_batch * (extras + head + saved), loss_gradients, tuple(moments))
 
 
 @dataclass(frozen=True)

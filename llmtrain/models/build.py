@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -32,13 +35,30 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modu
     if cfg.init_from:
         from llmtrain.models.hf import load_hf_weights
 
-        try:
+        with naming_init_from(cfg.init_from):
             load_hf_weights(model, cfg.init_from)
-        except ModelConfigError:
-            raise
-        except (KeyError, ValueError) as err:  # weights that do not fit, a config.json that is no object
-            raise ModelConfigError(f"model.init_from={cfg.init_from}: {err}") from None
     return model
+
+
+def check_init_from(cfg: ModelConfig) -> None:
+    """model.init_from's architecture against cfg's, the vocabulary aside (the tokenizer sets it later): the
+    check build_model makes, before any work."""
+    from llmtrain.models.hf import check_architecture
+
+    with naming_init_from(cfg.init_from):
+        check_architecture(cfg, cfg.init_from, vocabulary=False)
+
+
+@contextlib.contextmanager
+def naming_init_from(folder: str) -> Iterator[None]:
+    """A folder's problems as a ModelConfigError naming model.init_from: weights that do not fit, a
+    config.json that is no JSON object (those of another architecture name the settings themselves)."""
+    try:
+        yield
+    except ModelConfigError:
+        raise
+    except (KeyError, ValueError) as err:
+        raise ModelConfigError(f"model.init_from={folder}: {err}") from None
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -65,6 +65,11 @@ class StopRequest:
             self.reason = "time limit"
         return self.reason is not None
 
+    @property
+    def by_signal(self) -> bool:
+        """Asked to stop by a signal (on this rank or another), not by the time limit."""
+        return self.reason is not None and not self.reason.startswith("time limit")
+
     def agreed(self) -> bool:
         """True on every rank when any rank was asked to stop (a collective: call it on all ranks together).
 

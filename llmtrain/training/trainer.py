@@ -30,9 +30,10 @@ from llmtrain.measure.flops import forward_flops, measure_matmul_peak
 from llmtrain.measure.hardware import accelerator_of_device
 from llmtrain.measure.memory import measured_peak_bytes
 from llmtrain.measure.shapes import lengths_for
-from llmtrain.models import ModelConfig, ModelConfigError, build_model, count_parameters
+from llmtrain.models import ModelConfig, build_model, count_parameters
+from llmtrain.models.build import check_init_from
 from llmtrain.models.heads import IGNORE_INDEX
-from llmtrain.models.hf import architecture_differences, check_architecture
+from llmtrain.models.hf import architecture_differences
 from llmtrain.objectives import CausalLM, MaskedLM, SpanCorruption
 from llmtrain.objectives.evaluation import evaluation_batch
 from llmtrain.training.checkpoint import (
@@ -285,12 +286,7 @@ class Trainer:
         # the architecture before the data is read (tokenizing can take minutes); the vocabulary follows the
         # tokenizer, and is checked with the weights
         if init_from:
-            try:
-                check_architecture(cfg.model, init_from, vocabulary=False)
-            except ModelConfigError:
-                raise
-            except ValueError as err:  # a config.json that is no JSON object
-                raise ModelConfigError(f"model.init_from={init_from}: {err}") from None
+            check_init_from(cfg.model)
         chosen_tokenizer = self._init_from_tokenizer(cfg)
 
         def read_corpus() -> Corpus:

@@ -41,6 +41,11 @@ def test_time_limit():
     stop = StopRequest(time_limit_minutes=1e-9)
     try:
         assert stop.local() and stop.reason == "time limit"
+        assert (
+            not stop.by_signal
+        )  # a sweep's next job still starts (scripts/train.py); after a signal it does not
+        stop.reason = "SIGTERM (another rank)"
+        assert stop.by_signal
     finally:
         stop.restore()
     never = StopRequest()
